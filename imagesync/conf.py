@@ -1,0 +1,111 @@
+"""imagesync's oslo.config options, grouped, with list_opts() for oslo-config-generator.
+
+Declares options only: nothing here reads files or talks to a service. The
+daemon and the CLI build a ConfigOpts with `load()` and pass it down.
+"""
+
+from __future__ import annotations
+
+from oslo_config import cfg
+
+DEFAULT_CONFIG = "/etc/imagesync/imagesync.conf"
+
+imagesync_opts = [
+    cfg.StrOpt("policy_file", default="/etc/imagesync/policy.yaml",
+               help="The YAML policy naming which stores each image belongs in."),
+    cfg.StrOpt("ledger_path", default="/var/lib/imagesync/ledger.sqlite",
+               help="The SQLite ledger of every copy. Created 0600; keep it on local disk."),
+    cfg.StrOpt("cloud", default="imagesync",
+               help="Name of the clouds.yaml entry holding Glance credentials (openstacksdk "
+                    "looks in ./clouds.yaml, ~/.config/openstack and /etc/openstack)."),
+    cfg.StrOpt("clouds_file",
+               help="Read clouds.yaml from this path instead of openstacksdk's search path."),
+    cfg.BoolOpt("dry_run", default=False,
+                help="Plan and record copies in the ledger, but import nothing."),
+    cfg.StrOpt("log_format", default="auto", choices=["auto", "json", "console"],
+               help="json: one JSON object per line (journald); console: readable; "
+                    "auto: console on a TTY, json otherwise."),
+    cfg.StrOpt("log_level", default="INFO",
+               choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="Lowest level logged."),
+]
+
+notification_opts = [
+    cfg.StrOpt("exchange", default="glance", help="Exchange Glance publishes on."),
+    cfg.StrOpt("topic", default="notifications",
+               help="Notification topic; must be one of Glance's "
+                    "[oslo_messaging_notifications] topics."),
+    cfg.StrOpt("pool", default="imagesync",
+               help="Listener pool: imagesync gets its own queue of this name, so it "
+                    "never takes notifications from other consumers (Ceilometer)."),
+    cfg.IntOpt("batch_size", default=200, min=1,
+               help="Notifications handled per batch (one ledger commit per batch)."),
+    cfg.FloatOpt("batch_timeout", default=0.05, min=0.0,
+                 help="Seconds to wait for a batch to fill before handling what arrived."),
+    cfg.IntOpt("executor_threads", default=4, min=1,
+               help="Threads of the listener's executor."),
+]
+
+copy_opts = [
+    cfg.IntOpt("max_imports", default=4, min=1,
+               help="Copy-image imports in flight at once, across all stores."),
+    cfg.IntOpt("max_imports_per_store", default=2, min=1,
+               help="Imports in flight that write to one store."),
+    cfg.IntOpt("max_bytes_in_flight", default=0, min=0,
+               help="Bytes of image data being copied at once; 0 = no cap."),
+    cfg.IntOpt("max_bytes_per_hour", default=0, min=0,
+               help="Bytes copied per rolling hour; 0 = no cap."),
+    cfg.FloatOpt("glance_requests_per_second", default=20.0, min=0.1,
+                 help="Cap on imagesync's own request rate to Glance."),
+    cfg.IntOpt("max_attempts", default=6, min=1,
+               help="Failed copy attempts to one store before the copy is marked failed."),
+    cfg.FloatOpt("backoff_base", default=30.0, min=0.0,
+                 help="Seconds before the first retry; doubles per attempt, with jitter."),
+    cfg.FloatOpt("backoff_cap", default=3600.0, min=0.0, help="Longest delay between retries."),
+    cfg.FloatOpt("quota_retry_delay", default=3600.0, min=0.0,
+                 help="Delay before retrying a copy refused for quota."),
+    cfg.IntOpt("unknown_store_tries", default=3, min=1,
+               help="Tries before a store Glance does not know blocks the copy."),
+    cfg.FloatOpt("poll_interval", default=1.0, min=0.05,
+                 help="Seconds between polls of an image whose import is in flight."),
+    cfg.FloatOpt("lock_expiry", default=3600.0,
+                 help="Age (s) after which Glance preempts an import lock whose task is "
+                      "processing (Glance: 60 min; 120 min for a pending task)."),
+]
+
+reconcile_opts = [
+    cfg.FloatOpt("interval", default=600.0, min=0.0,
+                 help="Seconds between full passes over every image (0 = only at start)."),
+    cfg.IntOpt("page_size", default=1000, min=1, max=1000, help="Images per list request."),
+    cfg.FloatOpt("stores_cache_ttl", default=300.0, min=0.0,
+                 help="Seconds the live store list is cached."),
+]
+
+GROUPS = {
+    "imagesync": imagesync_opts,
+    "notifications": notification_opts,
+    "copy": copy_opts,
+    "reconcile": reconcile_opts,
+}
+
+
+def list_opts():
+    """For oslo-config-generator (entry point oslo.config.opts: imagesync)."""
+    return [(None if name == "DEFAULT" else name, opts) for name, opts in GROUPS.items()]
+
+
+def register(conf: cfg.ConfigOpts) -> cfg.ConfigOpts:
+    for group, opts in GROUPS.items():
+        conf.register_opts(opts, group=group)
+    return conf
+
+
+def load(argv: list[str] | None = None, config_files: list[str] | None = None,
+         prog: str = "imagesync-daemon") -> cfg.ConfigOpts:
+    """A fresh ConfigOpts with every option registered and the files parsed."""
+    import os
+
+    conf = register(cfg.ConfigOpts())
+    if config_files is None:
+        config_files = [DEFAULT_CONFIG] if os.path.exists(DEFAULT_CONFIG) else []
+    conf(argv or [], project="imagesync", prog=prog, default_config_files=config_files)
+    return conf

@@ -1,0 +1,91 @@
+"""Session fixtures over the real sandbox (RabbitMQ + MariaDB + Glance on loopback).
+
+A test that uses them FAILS when the sandbox cannot start: never a skip. Set
+IMAGESYNC_SANDBOX_DIR to a running sandbox (tools/sandbox.py up) to reuse it
+across runs while developing; otherwise each session starts and stops its own.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import sandbox as sandbox_mod  # noqa: E402
+
+ADMIN_PROJECT = sandbox_mod.ADMIN_PROJECT
+OTHER_PROJECT = "b0000000000000000000000000000b0b"
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture(scope="session")
+def sandbox(tmp_path_factory):
+    reuse = os.environ.get("IMAGESYNC_SANDBOX_DIR")
+    if reuse:
+        box = sandbox_mod.Sandbox(reuse)
+        if not all(box.running().values()):
+            pytest.fail(f"IMAGESYNC_SANDBOX_DIR={reuse} is not a running sandbox")
+        yield box
+        return
+    box = sandbox_mod.Sandbox(tmp_path_factory.mktemp("sandbox"))
+    try:
+        box.up()
+    except Exception as exc:  # the suite must fail loudly, not skip
+        pytest.fail(f"the sandbox could not start: {exc}", pytrace=False)
+    yield box
+    ports = [box.state["glance"]["port"], box.state["rabbit"]["port"],
+             box.state["mariadb"]["port"], box.state["rabbit"]["dist_port"],
+             box.state["rabbit"]["epmd_port"]]
+    box.down()
+    still = [p for p in ports if _listening(p)]
+    assert not still, f"ports still listening after the sandbox stopped: {still}"
+    assert not any(box.running().values()), f"processes left: {box.running()}"
+
+
+def _connect(box, headers=None):
+    import openstack.config
+    import openstack.connection
+
+    region = openstack.config.OpenStackConfig(
+        config_files=[str(box.clouds_yaml)], load_envvars=False).get_one(sandbox_mod.CLOUD)
+    conn = openstack.connection.Connection(config=region)
+    if headers:
+        conn.session.additional_headers.update(headers)
+    return conn
+
+
+@pytest.fixture(scope="session")
+def admin_conn(sandbox):
+    """openstacksdk as the sandbox's default identity: admin of ADMIN_PROJECT."""
+    return _connect(sandbox)
+
+
+@pytest.fixture(scope="session")
+def other_admin_conn(sandbox):
+    """openstacksdk as an admin of another project (its images are owned by OTHER_PROJECT)."""
+    return _connect(sandbox, {"X-Project-Id": OTHER_PROJECT, "X-User-Id": "other-admin",
+                              "X-Roles": "admin,member,reader"})
+
+
+@pytest.fixture(scope="session")
+def member_conn(sandbox):
+    """openstacksdk as a plain member of OTHER_PROJECT (no admin role)."""
+    return _connect(sandbox, {"X-Project-Id": OTHER_PROJECT, "X-User-Id": "member",
+                              "X-Roles": "member,reader"})
+
+
+@pytest.fixture(scope="session")
+def transport_url(sandbox) -> str:
+    return sandbox.transport_url
