@@ -99,13 +99,17 @@ def register(conf: cfg.ConfigOpts) -> cfg.ConfigOpts:
     return conf
 
 
-def load(argv: list[str] | None = None, config_files: list[str] | None = None,
-         prog: str = "imagesync-daemon") -> cfg.ConfigOpts:
-    """A fresh ConfigOpts with every option registered and the files parsed."""
+def default_config_files() -> list[str]:
     import os
 
+    return [DEFAULT_CONFIG] if os.path.exists(DEFAULT_CONFIG) else []
+
+
+def load(argv: list[str] | None = None, config_files: list[str] | None = None,
+         prog: str = "imagesync") -> cfg.ConfigOpts:
+    """A fresh ConfigOpts with every option registered and the files parsed."""
     conf = register(cfg.ConfigOpts())
     if config_files is None:
-        config_files = [DEFAULT_CONFIG] if os.path.exists(DEFAULT_CONFIG) else []
+        config_files = default_config_files()
     conf(argv or [], project="imagesync", prog=prog, default_config_files=config_files)
     return conf

@@ -1,0 +1,109 @@
+"""The notification listener: Glance events from RabbitMQ into the ledger.
+
+An oslo.messaging batch listener on exchange `glance` with its own pool queue.
+A batch is parsed, coalesced per image and written in one ledger commit; it is
+acknowledged (HANDLED) only after that commit, and requeued when the ledger
+cannot be written, after backing off so the broker is not spun on. Garbage is
+logged and acknowledged: it can never succeed, so requeueing it would loop.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+
+import oslo_messaging
+import structlog
+
+from imagesync import events
+from imagesync.backoff import compute_backoff
+from imagesync.ledger import LedgerError
+
+log = structlog.get_logger("imagesync.listener")
+
+PRIORITIES = ("audit", "debug", "info", "warn", "error", "critical", "sample")
+
+
+class Endpoint:
+    """Batch endpoint: one method per priority, each receives a list of messages."""
+
+    def __init__(self, ledger, on_change=None, clock=time.time, sleep=None,
+                 max_write_tries: int = 6, metrics=None):
+        self.ledger, self.on_change, self.clock = ledger, on_change, clock
+        self.stopping = threading.Event()
+        self.sleep = sleep or self.stopping.wait
+        self.max_write_tries = max_write_tries
+        self.metrics = metrics
+        self.failures = 0          # consecutive failed ledger writes, shared by all threads
+        self.healthy = threading.Event()
+        self.healthy.set()
+        for priority in PRIORITIES:
+            setattr(self, priority, functools.partial(self._handle, priority=priority))
+
+    def _parse(self, message: dict, priority: str) -> events.Event | None:
+        try:
+            event = events.parse(message.get("event_type"), message.get("payload"),
+                                 message.get("metadata"), priority)
+        except Exception:  # parse never raises by contract; never let one message sink a batch
+            log.exception("unparseable notification dropped",
+                          event_type=repr(message.get("event_type"))[:100])
+            return None
+        if event is None:
+            log.debug("notification ignored", event_type=repr(message.get("event_type"))[:100],
+                      reason=events.reject_reason(message.get("event_type"),
+                                                  message.get("payload")))
+        elif event.kind is events.EventKind.UPLOAD_FAILED:
+            log.warning("Glance reports a failed upload", image_id=event.image_id,
+                        reason=event.reason, quota=event.quota)
+        return event
+
+    def _handle(self, messages: list[dict], priority: str):
+        parsed = [e for e in (self._parse(m, priority) for m in messages) if e is not None]
+        if self.metrics:
+            self.metrics.notifications(len(messages), parsed, self.clock())
+        if not parsed:
+            return oslo_messaging.NotificationResult.HANDLED
+        for attempt in range(1, self.max_write_tries + 1):
+            try:
+                self.ledger.note_events(parsed, self.clock())
+            except LedgerError as exc:
+                self.failures += 1
+                self.healthy.clear()
+                delay = compute_backoff(self.failures, base=1.0, cap=30.0)
+                log.error("cannot record notifications; holding them and backing off",
+                          error=str(exc), retry_in=round(delay, 1), batch=len(messages))
+                if self.sleep(delay):  # stopping
+                    break
+                continue
+            if self.failures:
+                log.info("ledger writable again", after_failures=self.failures)
+            self.failures = 0
+            self.healthy.set()
+            if self.on_change:
+                self.on_change()
+            return oslo_messaging.NotificationResult.HANDLED
+        return oslo_messaging.NotificationResult.REQUEUE
+
+
+class Listener:
+    """Owns the oslo.messaging transport and listener for one ConfigOpts."""
+
+    def __init__(self, conf, endpoint: Endpoint):
+        self.conf, self.endpoint = conf, endpoint
+        n = conf.notifications
+        self.transport = oslo_messaging.get_notification_transport(conf)
+        targets = [oslo_messaging.Target(exchange=n.exchange, topic=n.topic)]
+        self.listener = oslo_messaging.get_batch_notification_listener(
+            self.transport, targets, [endpoint], executor="threading", pool=n.pool,
+            allow_requeue=True, batch_size=n.batch_size, batch_timeout=n.batch_timeout)
+        conf.set_override("executor_thread_pool_size", n.executor_threads)  # registered now
+
+    def start(self) -> None:
+        self.listener.start()
+
+    def stop(self) -> None:
+        self.endpoint.stopping.set()
+        self.listener.stop()
+        self.listener.wait()
+        self.transport.cleanup()

@@ -1,0 +1,275 @@
+"""Planning: what each copy of one image should become, given Glance's view and the ledger's.
+
+Pure functions over plain data (no I/O, no clock: `now` is passed in). The ledger
+applies what they return inside one transaction; the executor does the HTTP.
+The rule: desired (policy) - current (`stores`) - being imported
+(`os_glance_importing_to_stores`) - in flight in the ledger = what to copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+
+from imagesync.errors import Action, Kind, Outcome
+from imagesync.model import Image
+
+PENDING, IN_FLIGHT, DONE, RETRYING, FAILED, CANCELLED = (
+    "pending", "in_flight", "done", "retrying", "failed", "cancelled")
+STATES = (PENDING, IN_FLIGHT, DONE, RETRYING, FAILED, CANCELLED)
+OPEN = frozenset({PENDING, RETRYING})            # waiting to be sent
+CLONE_ONLY_TYPES = frozenset({"cinder", "rbd"})  # useless targets for non-raw images
+GONE_STATUSES = frozenset({"deleted", "pending_delete", "killed"})
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreInfo:
+    id: str
+    type: str | None = None
+    read_only: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Copy:
+    """One (image, store) copy as the ledger records it."""
+
+    image_id: str
+    store: str
+    state: str = PENDING
+    attempts: int = 0
+    next_attempt_at: float | None = None
+    rules: tuple[str, ...] = ()
+    error_kind: str | None = None
+    error_status: int | None = None
+    error_message: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Tracking:
+    """Image-level facts the ledger keeps about our import and Glance's lock."""
+
+    import_started_at: float | None = None
+    saw_lock: bool = False
+    recovering: bool = False          # in flight when the daemon last stopped
+    upload_error: str | None = None   # last error-priority image.upload text
+    upload_error_at: float | None = None
+    upload_error_quota: bool = False
+    lock_task: str | None = None
+    lock_task_status: str | None = None
+    lock_task_updated_at: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    max_attempts: int = 6
+    backoff: Callable[[int], float] = lambda attempt: 30.0 * 2 ** (attempt - 1)
+    quota_retry_delay: float = 3600.0
+    unknown_store_tries: int = 3
+    poll_interval: float = 1.0
+    settle_grace: float = 20.0   # how long an import may show no lock before we judge it
+    lock_poll: float = 60.0      # how often to re-check an image locked by another import
+    lock_expiry: float = 3600.0  # Glance preempts a lock whose task is older than this
+
+
+@dataclasses.dataclass(frozen=True)
+class Visit:
+    changes: dict[str, Copy]
+    look_at: float | None = None
+    waiting: str | None = None
+    import_over: bool = False
+    deleted: bool = False
+    lock_stale: bool = False
+    foreign_lock: str | None = None   # task id of an import that is not ours
+
+
+def targets(policy, image: Image, stores: Mapping[str, StoreInfo] | None):
+    """(desired: store -> rules, skipped: store -> (rules, reason)) for one image."""
+    live = [s.id for s in stores.values() if not s.read_only] if stores is not None else []
+    desired = policy.desired(image, live)
+    skipped: dict[str, tuple[tuple[str, ...], str]] = {}
+    for store, rules in desired.items():
+        info = stores.get(store) if stores is not None else None
+        if info is None:
+            continue
+        if info.read_only:
+            skipped[store] = (rules, f"store {store} is read-only")
+        elif info.type in CLONE_ONLY_TYPES and image.disk_format != "raw":
+            skipped[store] = (rules, f"{image.disk_format} image on {info.type} store {store} "
+                                     "cannot be cloned there (copy-image does not convert)")
+    return {s: r for s, r in desired.items() if s not in skipped}, skipped
+
+
+def _set(copy: Copy, **fields) -> Copy:
+    return dataclasses.replace(copy, **fields)
+
+
+def _done(copy: Copy, now: float) -> Copy:
+    return _set(copy, state=DONE, next_attempt_at=None, error_kind=None, error_status=None,
+                error_message=None, finished_at=now)
+
+
+def _failure(copy: Copy, kind: Kind, message: str, status: int | None, now: float,
+             s: Settings, delay: float | None = None) -> Copy:
+    """A used attempt: retrying after a delay, or failed once attempts run out."""
+    if copy.attempts >= s.max_attempts:
+        return _set(copy, state=FAILED, next_attempt_at=None, error_kind=kind.value,
+                    error_status=status, error_message=message, finished_at=now)
+    wait = s.backoff(copy.attempts) if delay is None else delay
+    return _set(copy, state=RETRYING, next_attempt_at=now + wait, error_kind=kind.value,
+                error_status=status, error_message=message)
+
+
+def _resolve_import(image: Image, copies: dict[str, Copy], track: Tracking, now: float,
+                    s: Settings) -> dict[str, Copy]:
+    """The import is over (no lock): each in-flight copy is done or failed, by `stores`."""
+    out = {}
+    recent_error = track.upload_error_at is not None and track.import_started_at is not None \
+        and track.upload_error_at >= track.import_started_at - 1
+    for store, copy in copies.items():
+        if copy.state != IN_FLIGHT:
+            continue
+        if store in image.stores:
+            out[store] = _done(copy, now)
+        elif track.recovering and store not in image.failed_import:
+            # The daemon stopped between recording and finishing: maybe never sent.
+            out[store] = _set(copy, state=PENDING, attempts=max(copy.attempts - 1, 0),
+                              next_attempt_at=None)
+        elif recent_error and track.upload_error_quota:
+            out[store] = _failure(copy, Kind.QUOTA, track.upload_error or "over quota", None,
+                                  now, s, delay=s.quota_retry_delay)
+        else:
+            reason = "Glance reported the copy failed" if store in image.failed_import \
+                else "the import ended without the image in this store"
+            if recent_error and track.upload_error:
+                reason += f": {track.upload_error}"
+            out[store] = _failure(copy, Kind.COPY_FAILED, reason, None, now, s)
+    return out
+
+
+def plan_visit(image: Image | None, copies: Mapping[str, Copy], desired, skipped,
+               track: Tracking, now: float, s: Settings) -> Visit:
+    """Compare a fresh GET of the image with the ledger's copies; say what changes."""
+    copies = dict(copies)
+    if image is None or image.status in GONE_STATUSES:
+        changes = {st: _set(c, state=CANCELLED, next_attempt_at=None, error_kind=Kind.GONE.value,
+                            error_message="image is gone", finished_at=now)
+                   for st, c in copies.items() if c.state not in (DONE, CANCELLED, FAILED)}
+        return Visit(changes, deleted=True, import_over=True)
+
+    changes: dict[str, Copy] = {}
+    in_flight = {st for st, c in copies.items() if c.state == IN_FLIGHT}
+    import_over = False
+    look_at: float | None = None
+    if in_flight:
+        settled = all(st in image.stores for st in in_flight)
+        young = track.import_started_at is not None and \
+            now - track.import_started_at < s.settle_grace
+        if image.import_task or (not settled and not track.saw_lock and young
+                                 and not track.recovering):
+            look_at = now + s.poll_interval   # still importing (or not visibly started yet)
+        else:
+            changes.update(_resolve_import(image, copies, track, now, s))
+            import_over = True
+            copies.update(changes)
+            in_flight = set()
+
+    for store, rules in desired.items():
+        copy = copies.get(store) or Copy(image.id, store)
+        new = _set(copy, rules=tuple(rules))
+        if store in image.stores:
+            if copy.state != DONE and copy.state != IN_FLIGHT:
+                new = _done(new, now)
+        elif copy.state in (DONE, CANCELLED):
+            # New, made unwanted earlier, or removed from the store since: copy it (again).
+            new = _set(new, state=PENDING, attempts=0, next_attempt_at=None, error_kind=None,
+                       error_status=None, error_message=None, finished_at=None)
+        if new != copies.get(store):
+            changes[store] = new
+    for store, (rules, reason) in skipped.items():
+        copy = copies.get(store) or Copy(image.id, store)
+        if store not in image.stores and copy.state != IN_FLIGHT:
+            new = _set(copy, rules=tuple(rules), state=CANCELLED, next_attempt_at=None,
+                       error_kind=Kind.SKIPPED.value, error_message=reason)
+            if new != copies.get(store):
+                changes[store] = new
+    for store, copy in copies.items():
+        if store not in desired and store not in skipped and copy.state in OPEN:
+            changes[store] = _set(copy, state=CANCELLED, next_attempt_at=None,
+                                  error_kind=Kind.NOT_WANTED.value,
+                                  error_message="no rule wants this store any more")
+    copies.update(changes)
+
+    waiting, lock_stale, foreign = None, False, None
+    open_copies = [c for st, c in copies.items() if c.state in OPEN and st not in image.stores]
+    if image.status != "active":
+        waiting = f"image is {image.status}"
+    elif image.import_task and not in_flight:
+        foreign = image.import_task
+        waiting, lock_stale = _describe_lock(image, track, now, s)
+        if open_copies and not lock_stale:
+            look_at = _earliest(look_at, now + s.lock_poll)
+    if waiting is None and open_copies:
+        due = [c.next_attempt_at for c in open_copies]
+        if all(t is not None and t > now for t in due):
+            look_at = _earliest(look_at, min(due))   # re-read the image before the retry
+    return Visit(changes, look_at, waiting, import_over, lock_stale=lock_stale,
+                 foreign_lock=foreign)
+
+
+def _describe_lock(image: Image, track: Tracking, now: float, s: Settings):
+    """Text for an image held by an import that is not ours, and whether the lock is stale."""
+    text = f"import lock held by task {image.import_task}"
+    if track.lock_task == image.import_task and track.lock_task_updated_at:
+        age = now - track.lock_task_updated_at
+        expiry = s.lock_expiry * (2 if track.lock_task_status == "pending" else 1)
+        text += f" ({track.lock_task_status or 'unknown'}, last updated {age / 60:.0f} min ago)"
+        if age >= expiry:
+            return text + "; stale: Glance will preempt it on the next import", True
+    return text, False
+
+
+def _earliest(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else min(a, b)
+
+
+def apply_outcome(copies: Mapping[str, Copy], targets_: frozenset[str], outcome: Outcome,
+                  now: float, s: Settings) -> tuple[dict[str, Copy], float | None]:
+    """New rows for the targets of a failed import request, and when to look again."""
+    changes: dict[str, Copy] = {}
+    look_at: float | None = None
+    fields = dict(error_kind=outcome.kind.value, error_status=outcome.status,
+                  error_message=outcome.message)
+    for store in targets_:
+        copy = copies[store]
+        refund = _set(copy, state=PENDING, attempts=max(copy.attempts - 1, 0),
+                      next_attempt_at=None, **fields)
+        if store in outcome.done:
+            changes[store] = _done(copy, now)
+        elif outcome.action in (Action.REPLAN, Action.PAUSE):
+            changes[store] = refund
+        elif outcome.action == Action.WAIT:
+            changes[store] = _set(refund, next_attempt_at=now + s.poll_interval * 5)
+        elif outcome.action == Action.CANCEL:
+            changes[store] = _set(copy, state=CANCELLED, next_attempt_at=None, finished_at=now,
+                                  **fields)
+        elif outcome.action == Action.BLOCK:
+            changes[store] = _set(copy, state=FAILED, next_attempt_at=None, finished_at=now,
+                                  **fields)
+        elif outcome.kind == Kind.UNKNOWN_STORE:
+            capped = _set(copy, attempts=max(copy.attempts, s.max_attempts) if
+                          copy.attempts >= s.unknown_store_tries else copy.attempts)
+            changes[store] = _failure(capped, outcome.kind, outcome.message, outcome.status,
+                                      now, s, delay=s.poll_interval * 30)
+        elif outcome.kind == Kind.QUOTA:
+            changes[store] = _failure(copy, outcome.kind, outcome.message, outcome.status, now,
+                                      s, delay=s.quota_retry_delay)
+        else:
+            changes[store] = _failure(copy, outcome.kind, outcome.message, outcome.status,
+                                      now, s)
+    if outcome.action == Action.REPLAN:
+        look_at = now
+    elif outcome.action == Action.WAIT:
+        look_at = now + s.poll_interval * 5
+    return changes, look_at

@@ -1,0 +1,136 @@
+"""The daemon's oslo.service Service: listener, executor, reconciler, readiness.
+
+Everything is built in start(), which runs in the child that oslo.service forks,
+so no connection crosses the fork. A SIGHUP restarts that child, which re-reads
+config and policy; an invalid policy then leaves the last good one (kept in the
+ledger) in force. Wiring only: the work is done by the modules it starts.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import structlog
+from oslo_service import backend
+
+backend.init_backend(backend.BackendType.THREADING)  # before oslo_service.service is imported
+from oslo_service import service as oslo_service  # noqa: E402
+
+from imagesync import log as logsetup  # noqa: E402
+from imagesync import systemd
+from imagesync.backoff import compute_backoff
+from imagesync.executor import Caps, Executor, PolicyHolder
+from imagesync.glance import Glance, GlanceError
+from imagesync.ledger import Ledger
+from imagesync.listener import Endpoint, Listener
+from imagesync.planner import Settings
+from imagesync.policy import Policy, PolicyError, load_policy, parse_policy
+from imagesync.reconcile import Reconciler
+
+log = structlog.get_logger("imagesync.service")
+
+NO_RULES = "version: 1\nrules: []\n"
+
+
+def settings_from(conf) -> Settings:
+    c = conf.copy
+    return Settings(
+        max_attempts=c.max_attempts,
+        backoff=lambda attempt: compute_backoff(attempt, base=c.backoff_base, cap=c.backoff_cap),
+        quota_retry_delay=c.quota_retry_delay, unknown_store_tries=c.unknown_store_tries,
+        poll_interval=c.poll_interval, lock_expiry=c.lock_expiry)
+
+
+def caps_from(conf) -> Caps:
+    c = conf.copy
+    return Caps(c.max_imports, c.max_imports_per_store, c.max_bytes_in_flight,
+                c.max_bytes_per_hour)
+
+
+def choose_policy(conf, ledger, known_stores) -> Policy:
+    """The policy file if valid; else the last good one; else no rules at all (copy nothing)."""
+    path = conf.imagesync.policy_file
+    try:
+        policy = load_policy(path, known_stores=known_stores)
+    except PolicyError as exc:
+        for problem in exc.problems:
+            log.error("invalid policy", problem=str(problem))
+        last = ledger.last_policy()
+        if last is None:
+            log.error("no valid policy and none kept from before: copying nothing", file=path)
+            return parse_policy(NO_RULES, f"{path} (invalid; no rules in force)")
+        log.warning("keeping the last good policy", file=path)
+        return parse_policy(last[1], f"{last[0]} (last good)")
+    for warning in policy.warnings:
+        log.warning("policy warning", problem=str(warning))
+    if known_stores is None:
+        log.warning("Glance unreachable: store names in the policy not checked", file=path)
+    ledger.save_policy(path, policy.text, time.time())
+    log.info("policy loaded", file=path, rules=len(policy.rules))
+    return policy
+
+
+class ImagesyncService(oslo_service.Service):
+    def __init__(self, conf):
+        super().__init__()
+        self.conf = conf
+        self._stopped = threading.Event()
+        self.parts: list = []
+
+    def start(self) -> None:
+        conf = self.conf
+        logsetup.setup(conf.imagesync.log_format, conf.imagesync.log_level)
+        os.umask(0o077)
+        self.ledger = Ledger(conf.imagesync.ledger_path)
+        self.ledger.daemon_started(os.getpid(), time.time())
+        self.glance = Glance.connect(conf.imagesync.cloud, conf.imagesync.clouds_file,
+                                     rate=conf.copy.glance_requests_per_second,
+                                     stores_ttl=conf.reconcile.stores_cache_ttl)
+        try:
+            known = set(self.glance.stores())
+        except GlanceError as exc:
+            log.warning("Glance unreachable at start", error=str(exc))
+            known = None
+        self.policy = PolicyHolder(choose_policy(conf, self.ledger, known))
+        dry_run = conf.imagesync.dry_run
+        self.executor = Executor(self.ledger, self.glance, self.policy, settings_from(conf),
+                                 caps_from(conf), dry_run=dry_run,
+                                 workers=conf.copy.max_imports + 4)
+        self.reconciler = Reconciler(self.ledger, self.glance, self.policy,
+                                     conf.reconcile.interval, conf.reconcile.page_size,
+                                     on_change=self.executor.poke)
+        self.endpoint = Endpoint(self.ledger, on_change=self.executor.poke)
+        self.listener = Listener(conf, self.endpoint)
+        self.executor.start()
+        self.listener.start()
+        self.reconciler.start()
+        self.parts = [self.listener, self.reconciler, self.executor]
+        log.info("imagesync started", pid=os.getpid(), dry_run=dry_run,
+                 pool=conf.notifications.pool, topic=conf.notifications.topic)
+        systemd.notify("READY=1\nSTATUS=listening to Glance notifications")
+        interval = systemd.watchdog_interval()
+        if interval:
+            self.watchdog = systemd.Watchdog(interval, self._alive)
+            self.watchdog.start()
+            self.parts.insert(0, self.watchdog)
+
+    def _alive(self) -> bool:
+        thread = self.executor.thread
+        return bool(thread and thread.is_alive())
+
+    def stop(self, graceful: bool = False) -> None:
+        systemd.notify("STOPPING=1")
+        for part in self.parts:
+            try:
+                part.stop()
+            except Exception:
+                log.exception("error while stopping", part=type(part).__name__)
+        if getattr(self, "ledger", None):
+            self.ledger.close()
+        log.info("imagesync stopped", pid=os.getpid())
+        self._stopped.set()
+
+    def wait(self) -> None:
+        self._stopped.wait()
