@@ -60,7 +60,8 @@ def classify_import_error(status: int | None, message: str, image: Image | None,
     `live_stores` the store ids Glance lists now (None when unknown).
     """
     targets = frozenset(targets)
-    short = (message or "").strip().splitlines()[0][:300] if message else ""
+    lines = (message or "").strip().splitlines()
+    short = lines[0][:300] if lines else ""
     if status is None or status >= 500:
         return Outcome(Kind.TRANSIENT, Action.RETRY, short or "no answer from Glance", status)
     if status == 403:

@@ -109,11 +109,10 @@ class Executor:
                 busy = set(self.busy)
             claims = self.ledger.claim(now, self.caps.max_imports, self.caps.per_store,
                                        self.caps.max_bytes_in_flight,
-                                       self.caps.max_bytes_per_hour, self._free())
+                                       self.caps.max_bytes_per_hour, self._free(), busy)
             for image_id, stores, size in claims:
-                if image_id in busy:  # cannot happen: claimed images have nothing in flight
-                    continue
-                self._submit(image_id, self._import, image_id, stores, size)
+                if not self._submit(image_id, self._import, image_id, stores, size):
+                    self.ledger.release_claim(image_id, stores, self.clock())
         free = self._free()
         if free > 0:
             with self.busy_lock:
@@ -121,10 +120,10 @@ class Executor:
             for image_id in self.ledger.due_images(now, free, busy):
                 self._submit(image_id, self._visit, image_id)
 
-    def _submit(self, image_id: str, fn, *args) -> None:
+    def _submit(self, image_id: str, fn, *args) -> bool:
         with self.busy_lock:
             if image_id in self.busy:
-                return
+                return False
             self.busy.add(image_id)
 
         def done(_future) -> None:
@@ -133,6 +132,7 @@ class Executor:
             self.wake.set()
 
         self.pool.submit(self._guard, fn, *args).add_done_callback(done)
+        return True
 
     def _guard(self, fn, *args) -> None:
         try:

@@ -234,6 +234,8 @@ class Ops:
                 continue
             ts = ev.timestamp.timestamp() if ev.timestamp else now
             cur = per_image.setdefault(ev.image_id, {"ts": ts, "status": None, "look": False})
+            if ev.task_id:
+                cur["lock_ts"] = max(cur.get("lock_ts", 0.0), ts)
             if ts >= cur["ts"]:
                 cur["ts"] = ts
                 if ev.status:
@@ -262,6 +264,11 @@ class Ops:
                   last_event_at = max(coalesce(images.last_event_at, 0), excluded.last_event_at),
                   updated_at = excluded.updated_at""",
                    (image_id, cur["status"], look, cur["ts"], now, now))
+            if "lock_ts" in cur:
+                # Glance showed a lock after our POST: our import did start (it may be over
+                # before a poll ever sees the lock).
+                self.x("UPDATE images SET saw_lock = 1 WHERE id = ? AND import_started_at "
+                       "IS NOT NULL AND import_started_at <= ?", (image_id, cur["lock_ts"] + 1))
             if "error" in cur:
                 self.x("UPDATE images SET upload_error = ?, upload_error_at = ?, "
                        "upload_error_quota = ? WHERE id = ?", (*cur["error"], image_id))
@@ -363,8 +370,13 @@ class Ops:
     # -- imports
 
     def claim(self, now: float, max_imports: int, per_store: int, max_bytes_in_flight: int,
-              max_bytes_per_hour: int, limit: int) -> list[tuple[str, list[str], int]]:
-        """Mark the next copies in flight, within every cap, BEFORE their POST is sent."""
+              max_bytes_per_hour: int, limit: int, exclude: Iterable[str] = ()
+              ) -> list[tuple[str, list[str], int]]:
+        """Mark the next copies in flight, within every cap, BEFORE their POST is sent.
+
+        `exclude`: images another operation is busy with; they wait for the next claim.
+        """
+        exclude = set(exclude)
         in_flight = self.x("SELECT count(DISTINCT image_id), coalesce(sum(bytes), 0) FROM copies "
                            "WHERE state = 'in_flight'").fetchone()
         images_in_flight, bytes_in_flight = in_flight[0], in_flight[1]
@@ -391,6 +403,8 @@ class Ops:
         for row in rows:
             if len(claims) >= free:
                 break
+            if row["image_id"] in exclude:
+                continue
             size = row["size"]
             chosen = []
             for store in sorted(row["stores"].split(",")):
@@ -416,6 +430,15 @@ class Ops:
                    "look_at = NULL, updated_at = ? WHERE id = ?", (now, now, row["image_id"]))
             claims.append((row["image_id"], chosen, size))
         return claims
+
+    def release_claim(self, image_id: str, stores: list[str], now: float) -> None:
+        """A claim whose POST was never sent: back to pending, its attempt given back."""
+        marks = ",".join("?" * len(stores))
+        self.x(f"UPDATE copies SET state = 'pending', attempts = max(attempts - 1, 0), "
+               f"updated_at = ? WHERE image_id = ? AND state = 'in_flight' AND store IN ({marks})",
+               (now, image_id, *stores))
+        self.x("UPDATE images SET import_started_at = NULL, look_at = ? WHERE id = ?",
+               (now, image_id))
 
     def record_started(self, image_id: str, look_at: float, now: float) -> None:
         self.x("UPDATE images SET look_at = ?, updated_at = ? WHERE id = ?",

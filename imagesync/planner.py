@@ -68,7 +68,7 @@ class Settings:
     quota_retry_delay: float = 3600.0
     unknown_store_tries: int = 3
     poll_interval: float = 1.0
-    settle_grace: float = 20.0   # how long an import may show no lock before we judge it
+    settle_grace: float = 10.0   # how long an import may show no lock before we judge it
     lock_poll: float = 60.0      # how often to re-check an image locked by another import
     lock_expiry: float = 3600.0  # Glance preempts a lock whose task is older than this
 
@@ -175,8 +175,14 @@ def plan_visit(image: Image | None, copies: Mapping[str, Copy], desired, skipped
             copies.update(changes)
             in_flight = set()
 
+    # Another import is copying there right now (only while its lock is held: a crashed
+    # task can leave os_glance_importing_to_stores behind).
+    elsewhere = image.importing_to if image.import_task else frozenset()
     for store, rules in desired.items():
         copy = copies.get(store) or Copy(image.id, store)
+        if store in elsewhere and store not in image.stores and \
+                (store not in copies or copy.state in (DONE, CANCELLED)):
+            continue
         new = _set(copy, rules=tuple(rules))
         if store in image.stores:
             if copy.state != DONE and copy.state != IN_FLIGHT:

@@ -326,6 +326,18 @@ class Sandbox:
                    f"GRANT ALL PRIVILEGES ON glance.* TO 'glance'@'127.0.0.1';")
             run(["mariadb", f"--defaults-file={cnf}", "-uroot", "-e", sql])
 
+    def queues(self) -> dict[str, tuple[int, int]]:
+        """RabbitMQ queues: name -> (messages ready, messages unacknowledged)."""
+        out = run([RABBIT_BIN / "rabbitmqctl", "list_queues", "-q", "--no-table-headers",
+                   "name", "messages_ready", "messages_unacknowledged"],
+                  env=self._rabbit_env(), capture_output=True, text=True, timeout=60)
+        queues = {}
+        for line in out.stdout.splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[1].isdigit():
+                queues[parts[0]] = (int(parts[1]), int(parts[2]))
+        return queues
+
     def sql(self, statement: str) -> str:
         """Run SQL in Glance's database as root (tests age locks this way)."""
         out = run(["mariadb", f"--defaults-file={self.dir}/mariadb/my.cnf", "-uroot", "-N",
