@@ -15,6 +15,9 @@ imagesync_opts = [
                help="The YAML policy naming which stores each image belongs in."),
     cfg.StrOpt("ledger_path", default="/var/lib/imagesync/ledger.sqlite",
                help="The SQLite ledger of every copy. Created 0600; keep it on local disk."),
+    cfg.IntOpt("ledger_max_size_mb", default=0, min=0,
+                help="Largest size the ledger may grow to (MiB; 0 = no cap). When it is "
+                     "full, notifications are held, not lost, until space is freed."),
     cfg.StrOpt("cloud", default="imagesync",
                help="Name of the clouds.yaml entry holding Glance credentials (openstacksdk "
                     "looks in ./clouds.yaml, ~/.config/openstack and /etc/openstack)."),
@@ -67,6 +70,12 @@ copy_opts = [
                help="Tries before a store Glance does not know blocks the copy."),
     cfg.FloatOpt("poll_interval", default=1.0, min=0.05,
                  help="Seconds between polls of an image whose import is in flight."),
+    cfg.FloatOpt("lock_poll_interval", default=60.0, min=0.1,
+                 help="Seconds between looks at an image whose import lock another import "
+                      "holds."),
+    cfg.FloatOpt("settle_grace", default=10.0, min=0.0,
+                 help="Seconds an import may show no lock and no result before it is judged "
+                      "(Glance sets the lock asynchronously after answering 202)."),
     cfg.FloatOpt("lock_expiry", default=3600.0,
                  help="Age (s) after which Glance preempts an import lock whose task is "
                       "processing (Glance: 60 min; 120 min for a pending task)."),
@@ -80,11 +89,26 @@ reconcile_opts = [
                  help="Seconds the live store list is cached."),
 ]
 
+metrics_opts = [
+    cfg.BoolOpt("enabled", default=False,
+                help="Serve Prometheus metrics over HTTP (GET /metrics). Off by default."),
+    cfg.HostAddressOpt("host", default="127.0.0.1",
+                       help="Address the metrics endpoint listens on. It has no "
+                            "authentication, so it must be a loopback address (127.0.0.1, "
+                            "::1, localhost) unless allow_non_loopback is set."),
+    cfg.PortOpt("port", default=9393, help="TCP port of the metrics endpoint."),
+    cfg.BoolOpt("allow_non_loopback", default=False,
+                help="Allow a host that is not a loopback address. The endpoint is "
+                     "unauthenticated and shows store names and copy counts: put a firewall "
+                     "or a proxy in front of it."),
+]
+
 GROUPS = {
     "imagesync": imagesync_opts,
     "notifications": notification_opts,
     "copy": copy_opts,
     "reconcile": reconcile_opts,
+    "metrics": metrics_opts,
 }
 
 

@@ -91,8 +91,8 @@ def _create_private(path: Path) -> None:
     os.close(fd)
 
 
-def connect(path: str | Path) -> sqlite_utils.Database:
-    """Open the ledger for writing: private file, WAL, migrations applied."""
+def connect(path: str | Path, max_size_mb: int = 0) -> sqlite_utils.Database:
+    """Open the ledger for writing: private file, WAL, migrations applied, size capped."""
     path = Path(path)
     try:
         _create_private(path)
@@ -104,6 +104,9 @@ def connect(path: str | Path) -> sqlite_utils.Database:
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA foreign_keys=ON")
         migrations.apply(db)
+        if max_size_mb:
+            page = db.execute("PRAGMA page_size").fetchone()[0]
+            db.execute(f"PRAGMA max_page_count = {max_size_mb * (1 << 20) // page}")
     except (OSError, sqlite3.Error) as exc:
         raise LedgerError(f"cannot open ledger {path}: {exc}") from exc
     return db
@@ -131,8 +134,9 @@ def open_readonly(path: str | Path) -> sqlite3.Connection:
 class Ledger:
     """The daemon's handle: one writer thread, group commits, results after commit."""
 
-    def __init__(self, path: str | Path, max_batch: int = 500):
+    def __init__(self, path: str | Path, max_batch: int = 500, max_size_mb: int = 0):
         self.path = Path(path)
+        self.max_size_mb = max_size_mb
         self._queue: queue.Queue = queue.Queue()
         self._max_batch = max_batch
         self._ready = concurrent.futures.Future()
@@ -144,7 +148,7 @@ class Ledger:
 
     def _run(self) -> None:
         try:
-            db = connect(self.path)
+            db = connect(self.path, self.max_size_mb)
         except LedgerError as exc:
             self._ready.set_exception(exc)
             return
@@ -567,3 +571,85 @@ def _disagrees(image: Image, desired, skipped, have: dict[str, str]) -> bool:
             return True
     return any(state in OPEN and (store not in desired or store in image.stores)
                for store, state in have.items())
+
+
+# -- read side, for the CLI -------------------------------------------------------------------
+# Plain queries over a connection from open_readonly(): nothing below writes. Rows come back
+# as dicts of the stored values; imagesync.report formats them.
+
+
+def read_store_counts(conn: sqlite3.Connection) -> list[dict]:
+    """Per store: copies in each state, and since when the oldest pending copy has waited."""
+    stores: dict[str, dict] = {}
+    for state, store, n in conn.execute(
+            "SELECT state, store, count(*) FROM copies GROUP BY state, store"):
+        row = stores.setdefault(store, {"store": store, **dict.fromkeys(planner.STATES, 0),
+                                        "oldest_pending_at": None})
+        row[state] = n
+    for store, oldest in conn.execute(
+            "SELECT store, min(updated_at) FROM copies WHERE state = 'pending' GROUP BY store"):
+        stores[store]["oldest_pending_at"] = oldest
+    return [stores[s] for s in sorted(stores)]
+
+
+def read_daemon(conn: sqlite3.Connection) -> dict | None:
+    row = conn.execute("SELECT * FROM daemon WHERE id = 1").fetchone()
+    return dict(row) if row else None
+
+
+def read_image(conn: sqlite3.Connection, image_id: str) -> dict | None:
+    row = conn.execute("SELECT * FROM images WHERE id = ?", (image_id,)).fetchone()
+    return dict(row) if row else None
+
+
+def find_image_ids(conn: sqlite3.Connection, name: str) -> list[str]:
+    """Ids of the images last seen with this exact name, live ones first."""
+    return [r[0] for r in conn.execute(
+        "SELECT id FROM images WHERE name = ? ORDER BY deleted, id", (name,))]
+
+
+def read_copies(conn: sqlite3.Connection, image_id: str | None = None,
+                states: Iterable[str] | None = None, project: str | None = None,
+                store: str | None = None) -> list[dict]:
+    """Copies with their image's name and owner, filtered, ordered by image and store."""
+    where, args = [], []
+    if image_id is not None:
+        where.append("c.image_id = ?")
+        args.append(image_id)
+    if states is not None:
+        states = list(states)
+        where.append(f"c.state IN ({','.join('?' * len(states))})")
+        args.extend(states)
+    if project is not None:
+        where.append("i.owner = ?")
+        args.append(project)
+    if store is not None:
+        where.append("c.store = ?")
+        args.append(store)
+    sql = ("SELECT c.*, i.name AS name, i.owner AS owner FROM copies c "
+           "LEFT JOIN images i ON i.id = c.image_id")
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    return [dict(r) for r in conn.execute(sql + " ORDER BY c.image_id, c.store", args)]
+
+
+def read_copy_states(conn: sqlite3.Connection, image_ids: Iterable[str]) -> dict[tuple, str]:
+    """(image id, store) -> state, for the given images."""
+    ids, out = list(image_ids), {}
+    for start in range(0, len(ids), 500):
+        part = ids[start:start + 500]
+        for r in conn.execute(f"SELECT image_id, store, state FROM copies WHERE image_id IN "
+                              f"({','.join('?' * len(part))})", part):
+            out[(r[0], r[1])] = r[2]
+    return out
+
+
+def read_request(conn: sqlite3.Connection, request_id: int) -> dict | None:
+    row = conn.execute("SELECT * FROM requests WHERE id = ?", (request_id,)).fetchone()
+    return dict(row) if row else None
+
+
+def read_policy(conn: sqlite3.Connection) -> dict | None:
+    """The policy the daemon last loaded successfully (source path, text, when)."""
+    row = conn.execute("SELECT source, text, saved_at FROM policy WHERE id = 1").fetchone()
+    return dict(row) if row else None

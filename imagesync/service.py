@@ -19,11 +19,12 @@ backend.init_backend(backend.BackendType.THREADING)  # before oslo_service.servi
 from oslo_service import service as oslo_service  # noqa: E402
 
 from imagesync import log as logsetup  # noqa: E402
+from imagesync import metrics as metrics_mod
 from imagesync import systemd
 from imagesync.backoff import compute_backoff
 from imagesync.executor import Caps, Executor, PolicyHolder
 from imagesync.glance import Glance, GlanceError
-from imagesync.ledger import Ledger
+from imagesync.ledger import Ledger, Ops
 from imagesync.listener import Endpoint, Listener
 from imagesync.planner import Settings
 from imagesync.policy import Policy, PolicyError, load_policy, parse_policy
@@ -32,6 +33,7 @@ from imagesync.reconcile import Reconciler
 log = structlog.get_logger("imagesync.service")
 
 NO_RULES = "version: 1\nrules: []\n"
+COUNTS_TIMEOUT = 5.0  # seconds a metrics scrape waits for the ledger's copy counts
 
 
 def settings_from(conf) -> Settings:
@@ -40,7 +42,8 @@ def settings_from(conf) -> Settings:
         max_attempts=c.max_attempts,
         backoff=lambda attempt: compute_backoff(attempt, base=c.backoff_base, cap=c.backoff_cap),
         quota_retry_delay=c.quota_retry_delay, unknown_store_tries=c.unknown_store_tries,
-        poll_interval=c.poll_interval, lock_expiry=c.lock_expiry)
+        poll_interval=c.poll_interval, lock_expiry=c.lock_expiry,
+        lock_poll=c.lock_poll_interval, settle_grace=c.settle_grace)
 
 
 def caps_from(conf) -> Caps:
@@ -83,7 +86,8 @@ class ImagesyncService(oslo_service.Service):
         conf = self.conf
         logsetup.setup(conf.imagesync.log_format, conf.imagesync.log_level)
         os.umask(0o077)
-        self.ledger = Ledger(conf.imagesync.ledger_path)
+        self.ledger = Ledger(conf.imagesync.ledger_path,
+                             max_size_mb=conf.imagesync.ledger_max_size_mb)
         self.ledger.daemon_started(os.getpid(), time.time())
         self.glance = Glance.connect(conf.imagesync.cloud, conf.imagesync.clouds_file,
                                      rate=conf.copy.glance_requests_per_second,
@@ -95,18 +99,24 @@ class ImagesyncService(oslo_service.Service):
             known = None
         self.policy = PolicyHolder(choose_policy(conf, self.ledger, known))
         dry_run = conf.imagesync.dry_run
+        ledger = self.ledger
+        self.metrics = metrics_mod.from_conf(
+            conf, counts=lambda: ledger.call(Ops.counts, timeout=COUNTS_TIMEOUT))
+        if self.metrics:
+            self.parts.append(self.metrics)
         self.executor = Executor(self.ledger, self.glance, self.policy, settings_from(conf),
                                  caps_from(conf), dry_run=dry_run,
-                                 workers=conf.copy.max_imports + 4)
+                                 workers=conf.copy.max_imports + 4, metrics=self.metrics)
         self.reconciler = Reconciler(self.ledger, self.glance, self.policy,
                                      conf.reconcile.interval, conf.reconcile.page_size,
-                                     on_change=self.executor.poke)
-        self.endpoint = Endpoint(self.ledger, on_change=self.executor.poke)
+                                     on_change=self.executor.poke, metrics=self.metrics)
+        self.endpoint = Endpoint(self.ledger, on_change=self.executor.poke,
+                                 metrics=self.metrics)
         self.listener = Listener(conf, self.endpoint)
         self.executor.start()
         self.listener.start()
         self.reconciler.start()
-        self.parts = [self.listener, self.reconciler, self.executor]
+        self.parts += [self.listener, self.reconciler, self.executor]
         log.info("imagesync started", pid=os.getpid(), dry_run=dry_run,
                  pool=conf.notifications.pool, topic=conf.notifications.topic)
         systemd.notify("READY=1\nSTATUS=listening to Glance notifications")

@@ -33,6 +33,7 @@ GLANCE_VENV = CACHE / "glance-venv"
 DEFAULT_DIR = HERE.parent / ".sandbox"
 STORES = ("fast", "slow", "edge")
 ADMIN_PROJECT = "a0000000000000000000000000000adm"
+MEMBER_PROJECT = "c0000000000000000000000000000c0c"
 CLOUD = "sandbox"
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
 
@@ -428,12 +429,23 @@ class Sandbox:
     # -- files
 
     def _write_clouds_yaml(self) -> None:
+        """Cloud `sandbox` (admin, no auth) and `sandbox-member` (a plain member, whose
+        token is a secret that must never appear in imagesync's output)."""
         url = self.glance_url
+        if "member_token" not in self.state:
+            self.state["member_token"] = (f"sandbox:{MEMBER_PROJECT}:member,reader:"
+                                          f"{secrets.token_hex(16)}")
+            self._save()
         self.clouds_yaml.write_text(
             "clouds:\n"
             f"  {CLOUD}:\n"
             "    auth_type: none\n"
             f"    auth:\n      endpoint: {url}\n"
+            f"    image_endpoint_override: {url}\n"
+            "    image_api_version: '2'\n"
+            f"  {CLOUD}-member:\n"
+            "    auth_type: admin_token\n"
+            f"    auth:\n      endpoint: {url}\n      token: {self.state['member_token']}\n"
             f"    image_endpoint_override: {url}\n"
             "    image_api_version: '2'\n"
         )

@@ -1,0 +1,85 @@
+"""Reliability suite: faults on the real services, with figures.
+
+`tox -e reliability` runs it at full scale (IMAGESYNC_RELIABILITY=full) and writes
+RELIABILITY.md from the figures the tests record; the default test run (CI) runs
+the same tests at the reduced counts the issue allows and only prints the table.
+Scenarios that break a service (broker restart, Glance outage, quotas) get a
+private sandbox, so they never disturb the shared one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from pathlib import Path
+
+import pytest
+
+import sandbox as sandbox_mod
+
+FULL = os.environ.get("IMAGESYNC_RELIABILITY") == "full"
+ROOT = Path(__file__).resolve().parents[2]
+_FIGURES: list[tuple[str, str, str, str]] = []
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "/reliability/" in str(item.fspath):
+            item.add_marker(pytest.mark.reliability)
+            item.add_marker(pytest.mark.functional)
+
+
+@pytest.fixture(scope="session")
+def scale():
+    """Counts for this run: the issue's full figures, or CI's bracketed ones."""
+    return {"full": FULL, "kills": 20 if FULL else 5, "fuzz": 10_000 if FULL else 2_000}
+
+
+@pytest.fixture(scope="session")
+def figures():
+    """record(scenario, figure, value, command): a row of the RELIABILITY.md table."""
+
+    def record(scenario: str, figure: str, value, command: str) -> None:
+        _FIGURES.append((scenario, figure, str(value), command))
+
+    return record
+
+
+@pytest.fixture(scope="module")
+def private_sandbox(tmp_path_factory):
+    """Start a sandbox of this module's own: private_sandbox(glance_options) -> Sandbox."""
+    boxes = []
+
+    def start(glance_options: dict | None = None):
+        box = sandbox_mod.Sandbox(tmp_path_factory.mktemp("private-sandbox"))
+        boxes.append(box)
+        try:
+            box.up(glance_options=glance_options)
+        except Exception as exc:
+            pytest.fail(f"a private sandbox could not start: {exc}", pytrace=False)
+        return box
+
+    yield start
+    for box in boxes:
+        box.down()
+
+
+def _table() -> str:
+    rows = ["| scenario | figure | value | reproduce with |", "|---|---|---|---|"]
+    rows += [f"| {s} | {f} | {v} | `{c}` |" for s, f, v, c in _FIGURES]
+    return "\n".join(rows)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _FIGURES:
+        return
+    terminalreporter.write_sep("=", "reliability figures" + (" (full)" if FULL else " (CI scale)"))
+    terminalreporter.write_line(_table())
+    if FULL:
+        (ROOT / "RELIABILITY.md").write_text(
+            "# imagesync reliability figures\n\n"
+            f"Written by `tox -e reliability` on {datetime.date.today()} "
+            f"(real RabbitMQ, MariaDB and Glance on loopback; {os.cpu_count()} cores).\n"
+            "Every figure comes from the test named in its row; the command reruns it.\n\n"
+            + _table() + "\n")
+        terminalreporter.write_line("written to RELIABILITY.md")
