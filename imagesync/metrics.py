@@ -43,9 +43,9 @@ class CopiesByState:
         yield GaugeMetricFamily(self.NAME, self.HELP, labels=["state"])
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        try:
+        try:  # a slow or closed ledger must not break the scrape
             counts = self.counts()
-        except Exception as exc:  # a slow or closed ledger must not break the scrape
+        except Exception as exc:  # noqa: BLE001
             log.warning("copies per state left out of the metrics: ledger did not answer",
                         error=str(exc) or type(exc).__name__)
             return
@@ -142,10 +142,12 @@ class Metrics:
             log.warning("metrics endpoint served beyond loopback, without authentication",
                         host=host, address=address)
         try:
-            self.server, _thread = start_http_server(port, address, registry=self.registry)
+            started = start_http_server(port, address, registry=self.registry)
         except OSError as exc:
             log.error("metrics endpoint not started", host=host, port=port, error=str(exc))
             return False
+        # Recent prometheus-client returns (server, thread); older releases return nothing.
+        self.server = started[0] if isinstance(started, tuple) else None
         log.info("metrics endpoint started", address=address, port=port)
         return True
 

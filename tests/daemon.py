@@ -47,12 +47,14 @@ class Daemon:
 
     # -- process
 
-    def start(self, *args: str, wait: bool = True) -> Daemon:
+    def start(self, *args: str, wait: bool = True, env: dict[str, str] | None = None) -> Daemon:
+        """Start imagesync-daemon; `env` adds to (or overrides) the test runner's environment."""
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "imagesync.cmd", "--config-file", str(self.conf_file), *args],
             stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         if wait:
             wait_for(lambda: self.proc.poll() is not None or
                      any(e.get("event") == "imagesync started" for e in self.logs(since_start=True)),
