@@ -19,6 +19,7 @@ from imagesync import planner
 from imagesync.backoff import compute_backoff
 from imagesync.errors import Action, Kind, classify_import_error
 from imagesync.glance import Glance, GlanceError, GlanceUnavailable
+from imagesync.ledger import LedgerError
 from imagesync.planner import DONE, Settings
 
 log = structlog.get_logger("imagesync.executor")
@@ -53,14 +54,18 @@ class Executor:
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self.glance_failures = 0
-        self.paused_until = 0.0      # Glance unreachable: no calls until then
+        self.ledger_failures = 0
+        self.paused_until = 0.0      # Glance or the ledger unusable: no work until then
         self.dispatch_paused_until = 0.0   # 403: no imports until then
         self.thread: threading.Thread | None = None
 
     # -- lifecycle
 
     def start(self) -> None:
-        self.ledger.recover(self.clock())
+        try:
+            self.ledger.recover(self.clock())
+        except LedgerError as exc:  # copies in flight are re-checked at the next start
+            log.error("cannot mark copies in flight for re-checking", error=str(exc))
         self.thread = threading.Thread(target=self.run, name="imagesync-executor", daemon=True)
         self.thread.start()
 
@@ -81,6 +86,8 @@ class Executor:
         while not self.stopping.is_set():
             try:
                 self._tick()
+            except LedgerError as exc:
+                self._ledger_down(exc)
             except Exception:  # the loop must survive anything; the ledger keeps the work
                 log.exception("executor tick failed; retrying in 5 s")
                 self.wake.wait(5)
@@ -137,10 +144,24 @@ class Executor:
     def _guard(self, fn, *args) -> None:
         try:
             fn(*args)
+            self.ledger_failures = 0  # every operation ends with a ledger write
         except GlanceUnavailable as exc:
-            self._glance_down(exc, args[0])
+            try:
+                self._glance_down(exc, args[0])
+            except LedgerError as ledger_exc:
+                self._ledger_down(ledger_exc)
+        except LedgerError as exc:
+            self._ledger_down(exc)
         except Exception:
             log.exception("operation failed", image_id=args[0], operation=fn.__name__)
+
+    def _ledger_down(self, exc: LedgerError) -> None:
+        """The ledger cannot be written (disk full, read-only): stop working, back off."""
+        self.ledger_failures += 1
+        delay = compute_backoff(self.ledger_failures, base=1.0, cap=60.0)
+        self.paused_until = max(self.paused_until, self.clock() + delay)
+        log.error("cannot write the ledger; pausing copies", error=str(exc),
+                  retry_in=round(delay, 1))
 
     def _glance_down(self, exc: GlanceError, image_id: str) -> None:
         self.glance_failures += 1

@@ -70,7 +70,10 @@ def choose_policy(conf, ledger, known_stores) -> Policy:
         log.warning("policy warning", problem=str(warning))
     if known_stores is None:
         log.warning("Glance unreachable: store names in the policy not checked", file=path)
-    ledger.save_policy(path, policy.text, time.time())
+    try:
+        ledger.save_policy(path, policy.text, time.time())
+    except LedgerError as exc:  # it runs; it just cannot be the fallback until saved
+        log.error("cannot keep this policy as the last good one", error=str(exc))
     log.info("policy loaded", file=path, rules=len(policy.rules))
     return policy
 
@@ -88,7 +91,10 @@ class ImagesyncService(oslo_service.Service):
         os.umask(0o077)
         self.ledger = Ledger(conf.imagesync.ledger_path,
                              max_size_mb=conf.imagesync.ledger_max_size_mb)
-        self.ledger.daemon_started(os.getpid(), time.time())
+        try:
+            self.ledger.daemon_started(os.getpid(), time.time())
+        except LedgerError as exc:
+            log.error("cannot write the ledger", error=str(exc))
         self.glance = Glance.connect(conf.imagesync.cloud, conf.imagesync.clouds_file,
                                      rate=conf.copy.glance_requests_per_second,
                                      stores_ttl=conf.reconcile.stores_cache_ttl)
