@@ -554,6 +554,11 @@ class Ops:
     def counts(self) -> dict[str, int]:
         return dict(self.x("SELECT state, count(*) FROM copies GROUP BY state").fetchall())
 
+    def counts_by_store(self) -> dict[tuple[str, str], int]:
+        """{(store, state): n} over every copy in the ledger."""
+        rows = self.x("SELECT store, state, count(*) FROM copies GROUP BY store, state")
+        return {(store, state): n for store, state, n in rows.fetchall()}
+
 
 def _disagrees(image: Image, desired, skipped, have: dict[str, str]) -> bool:
     """Does the ledger's view of this image's copies differ from what the policy wants?"""

@@ -2,8 +2,8 @@
 
 Off unless [metrics] enabled. Each Metrics owns a private CollectorRegistry (no
 process-wide state), so tests read exactly what one daemon reported. It never
-speaks SQL: copies per state are asked of the ledger at scrape time through a
-callable; everything else comes from the hooks the executor, listener and
+speaks SQL: copies per store and state are asked of the ledger at scrape time
+through a callable; everything else comes from the hooks the executor, listener and
 reconciler call. The HTTP server binds only the configured address, and only a
 loopback one unless the operator explicitly allows more.
 """
@@ -19,28 +19,33 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 from prometheus_client.core import GaugeMetricFamily
 
 from imagesync.errors import Kind
-from imagesync.planner import STATES
+from imagesync.planner import DONE, IN_FLIGHT, STATES
 
 log = structlog.get_logger("imagesync.metrics")
 
 
+Counts = Callable[[], dict[tuple[str, str], int]]  # {(store, state): n}, as Ops.counts_by_store
+
+
 class CopiesByState:
-    """imagesync_copies{state}: the ledger's own counts, read when Prometheus scrapes.
+    """imagesync_copies{store, state}: the ledger's own counts, read when Prometheus scrapes.
 
     Read at scrape time rather than kept up to date from hooks, because some state
     changes (a claim into in_flight, a `retry` request) happen inside the ledger
-    without a hook. When the ledger cannot answer in time the family is left out of
-    that scrape (absent, never stale).
+    without a hook. Every store that has any copy gets all the states, 0 when it has
+    none in one, so dashboards see zeros rather than missing series. When the ledger
+    cannot answer in time the family is left out of that scrape (absent, never stale).
     """
 
     NAME = "imagesync_copies"
-    HELP = "Copies in the ledger, by state (read from the ledger at scrape time)."
+    HELP = "Copies in the ledger, by store and state (read from the ledger at scrape time)."
+    LABELS = ("store", "state")
 
-    def __init__(self, counts: Callable[[], dict[str, int]]):
+    def __init__(self, counts: Counts):
         self.counts = counts
 
     def describe(self) -> Iterable[GaugeMetricFamily]:
-        yield GaugeMetricFamily(self.NAME, self.HELP, labels=["state"])
+        yield GaugeMetricFamily(self.NAME, self.HELP, labels=self.LABELS)
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         try:  # a slow or closed ledger must not break the scrape
@@ -49,16 +54,17 @@ class CopiesByState:
             log.warning("copies per state left out of the metrics: ledger did not answer",
                         error=str(exc) or type(exc).__name__)
             return
-        family = GaugeMetricFamily(self.NAME, self.HELP, labels=["state"])
-        for state in STATES:
-            family.add_metric([state], counts.get(state, 0))
+        family = GaugeMetricFamily(self.NAME, self.HELP, labels=self.LABELS)
+        for store in sorted({store for store, _ in counts}):
+            for state in STATES:
+                family.add_metric([store, state], counts.get((store, state), 0))
         yield family
 
 
 class Metrics:
     """The hooks (import_started, import_failed, copy_state, notifications, reconciled)."""
 
-    def __init__(self, counts: Callable[[], dict[str, int]] | None = None):
+    def __init__(self, counts: Counts | None = None):
         self.registry = CollectorRegistry()
         self.server = None
         r = self.registry
@@ -71,6 +77,9 @@ class Metrics:
         self.imports_started = Counter(
             "imagesync_imports_started", "copy-image imports Glance accepted (202), per target "
             "store.", ["store"], registry=r)
+        self.imports_succeeded = Counter(
+            "imagesync_imports_succeeded", "Copies an accepted import brought to done (in_flight "
+            "to done), per target store.", ["store"], registry=r)
         self.imports_failed = Counter(
             "imagesync_imports_failed", "copy-image requests Glance refused, by error kind.",
             ["kind"], registry=r)
@@ -100,6 +109,7 @@ class Metrics:
     def import_started(self, stores: Iterable[str]) -> None:
         for store in stores:
             self.imports_started.labels(store).inc()
+            self.imports_succeeded.labels(store)  # 0 until one succeeds, rather than absent
 
     def import_failed(self, kind: str) -> None:
         self.imports_failed.labels(kind).inc()
@@ -107,6 +117,8 @@ class Metrics:
     def copy_state(self, store: str, new_state: str, old_state: str | None) -> None:
         if new_state != old_state:
             self.copy_changes.labels(store, new_state).inc()
+        if old_state == IN_FLIGHT and new_state == DONE:
+            self.imports_succeeded.labels(store).inc()
 
     def notifications(self, n_messages: int, parsed_events, now: float) -> None:
         if n_messages <= 0:
@@ -164,7 +176,7 @@ def bind_address(host: str, port: int) -> str:
     return infos[0][4][0]
 
 
-def from_conf(conf, counts: Callable[[], dict[str, int]] | None = None) -> Metrics | None:
+def from_conf(conf, counts: Counts | None = None) -> Metrics | None:
     """A serving Metrics when [metrics] enabled, else None (the hooks are then skipped)."""
     m = conf.metrics
     if not m.enabled:

@@ -107,7 +107,7 @@ class ImagesyncService(oslo_service.Service):
         dry_run = conf.imagesync.dry_run
         ledger = self.ledger
         self.metrics = metrics_mod.from_conf(
-            conf, counts=lambda: ledger.call(Ops.counts, timeout=COUNTS_TIMEOUT))
+            conf, counts=lambda: ledger.call(Ops.counts_by_store, timeout=COUNTS_TIMEOUT))
         if self.metrics:
             self.parts.append(self.metrics)
         self.executor = Executor(self.ledger, self.glance, self.policy, settings_from(conf),

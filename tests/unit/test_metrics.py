@@ -21,6 +21,8 @@ from imagesync import metrics as metrics_mod
 from imagesync.events import parse
 from imagesync.ledger import Ledger, Ops
 from imagesync.metrics import Metrics
+from imagesync.model import Image
+from imagesync.planner import STATES, Settings
 
 FIXTURES = pathlib.Path(__file__).resolve().parent.parent / "fixtures" / "glance-notifications"
 
@@ -84,6 +86,30 @@ def test_refused_imports_count_by_error_kind_and_every_kind_starts_at_zero():
     assert value(m, "imagesync_imports_failed_total", kind="forbidden") == 0
 
 
+def test_accepted_imports_start_their_stores_succeeded_count_at_zero():
+    m = Metrics()
+
+    m.import_started(["edge"])
+
+    assert value(m, "imagesync_imports_succeeded_total", store="edge") == 0
+    assert value(m, "imagesync_imports_succeeded_total", store="slow") is None
+
+
+def test_only_an_in_flight_copy_that_becomes_done_counts_as_a_succeeded_import():
+    m = Metrics()
+
+    m.copy_state("slow", "done", "in_flight")
+    m.copy_state("slow", "done", "in_flight")
+    m.copy_state("edge", "done", None)  # already in the store: never imported
+    m.copy_state("edge", "done", "pending")
+    m.copy_state("edge", "done", "done")
+    m.copy_state("edge", "retrying", "in_flight")
+
+    assert value(m, "imagesync_imports_succeeded_total", store="slow") == 2
+    assert value(m, "imagesync_imports_succeeded_total", store="edge") is None
+    assert value(m, "imagesync_copy_changes_total", store="edge", state="done") == 2
+
+
 def test_a_copy_change_counts_per_store_and_new_state_but_a_repeat_does_not():
     m = Metrics()
 
@@ -143,18 +169,40 @@ def test_two_daemons_metrics_never_share_values():
     assert value(b, "imagesync_imports_failed_total", kind="gone") == 0
 
 
-# -- copies per state: the ledger's own counts, at scrape time
+# -- copies per store and state: the ledger's own counts, at scrape time
 
 
-def test_copies_per_state_are_read_from_the_ledger_at_every_scrape():
-    counts = {"done": 3, "pending": 1}
+def copies(m: Metrics) -> dict[tuple[str, str], float]:
+    return {(s.labels["store"], s.labels["state"]): s.value
+            for family in m.registry.collect() if family.name == "imagesync_copies"
+            for s in family.samples}
+
+
+def test_copies_per_store_and_state_are_read_from_the_ledger_at_every_scrape():
+    counts = {("edge", "done"): 3, ("edge", "pending"): 1, ("slow", "done"): 2}
     m = Metrics(counts=lambda: dict(counts))
 
-    assert value(m, "imagesync_copies", state="done") == 3
-    assert value(m, "imagesync_copies", state="failed") == 0
+    assert value(m, "imagesync_copies", store="edge", state="done") == 3
+    assert value(m, "imagesync_copies", store="slow", state="done") == 2
+    assert value(m, "imagesync_copies", store="edge", state="failed") == 0
 
-    counts["done"] = 4
-    assert value(m, "imagesync_copies", state="done") == 4
+    counts[("edge", "done")] = 4
+    assert value(m, "imagesync_copies", store="edge", state="done") == 4
+
+
+def test_every_store_with_a_copy_gets_all_six_states_and_other_stores_none():
+    m = Metrics(counts=lambda: {("edge", "in_flight"): 2, ("slow", "failed"): 1})
+
+    assert copies(m) == {**{(store, state): 0 for store in ("edge", "slow") for state in STATES},
+                         ("edge", "in_flight"): 2, ("slow", "failed"): 1}
+    assert len(STATES) == 6
+
+
+def test_an_empty_ledger_gives_the_copies_family_without_series():
+    m = Metrics(counts=dict)
+
+    assert copies(m) == {}
+    assert any(f.name == "imagesync_copies" for f in m.registry.collect())
 
 
 def test_a_ledger_that_does_not_answer_leaves_copies_out_instead_of_failing_the_scrape():
@@ -165,21 +213,34 @@ def test_a_ledger_that_does_not_answer_leaves_copies_out_instead_of_failing_the_
     m.import_started(["edge"])
 
     with capture_logs() as logs:
-        assert value(m, "imagesync_copies", state="done") is None
+        assert value(m, "imagesync_copies", store="edge", state="done") is None
     assert value(m, "imagesync_imports_started_total", store="edge") == 1
     assert any(e["event"].startswith("copies per state left out") for e in logs)
 
 
+SETTINGS = Settings(max_attempts=4, backoff=lambda attempt: 100.0 * attempt, poll_interval=2.0,
+                    lock_poll=60.0, lock_expiry=3600.0)
+
+
 def test_copies_come_from_a_real_ledger_through_its_writer_as_the_service_wires_it(tmp_path):
     ledger = Ledger(tmp_path / "ledger.sqlite")
-    m = Metrics(counts=lambda: ledger.call(Ops.counts, timeout=0.5))
+    m = Metrics(counts=lambda: ledger.call(Ops.counts_by_store, timeout=0.5))
     try:
-        assert {s: value(m, "imagesync_copies", state=s) for s in ("pending", "done")} == \
-            {"pending": 0, "done": 0}
+        assert copies(m) == {}
+        for n, stores in enumerate([{"fast"}, {"fast", "edge"}]):
+            image = Image(f"{n:08x}-0000-4000-8000-000000000000", name=f"image-{n}",
+                          status="active", stores=frozenset(stores), size=100, disk_format="raw")
+            ledger.call(Ops.record_visit, image.id, image, {"edge": ("r",), "slow": ("r",)}, {},
+                        1_800_000_000.0, SETTINGS)
+        by_store = ledger.call(Ops.counts_by_store)
+        assert by_store == {("edge", "pending"): 1, ("edge", "done"): 1, ("slow", "pending"): 2}
+        assert ledger.call(Ops.counts) == {"pending": 3, "done": 1}  # still there, unchanged
+        assert copies(m) == {**{(store, state): 0 for store in ("edge", "slow")
+                                for state in STATES}, **by_store}
     finally:
         ledger.close()
-    with capture_logs():
-        assert value(m, "imagesync_copies", state="done") is None  # closed: left out, quickly
+    with capture_logs():  # closed: left out, quickly
+        assert value(m, "imagesync_copies", store="edge", state="done") is None
 
 
 # -- the endpoint
@@ -187,14 +248,16 @@ def test_copies_come_from_a_real_ledger_through_its_writer_as_the_service_wires_
 
 def test_the_endpoint_serves_the_registry_on_loopback_and_stops(served):
     port = free_port()
-    m = served(counts=lambda: {"in_flight": 2})
+    m = served(counts=lambda: {("edge", "in_flight"): 2})
     m.import_started(["edge"])
 
     assert m.serve("127.0.0.1", port) is True
 
     assert m.server.server_address[:2] == ("127.0.0.1", port)
     body = scrape(port)
-    assert 'imagesync_copies{state="in_flight"} 2.0' in body
+    assert 'imagesync_copies{state="in_flight",store="edge"} 2.0' in body
+    assert 'imagesync_copies{state="done",store="edge"} 0.0' in body
+    assert 'imagesync_imports_succeeded_total{store="edge"} 0.0' in body
     assert 'imagesync_imports_started_total{store="edge"} 1.0' in body
     assert "process_cpu_seconds_total" not in body  # a private registry: no global collectors
     m.stop()
