@@ -44,8 +44,10 @@ notification_opts = [
                help="Notifications handled per batch (one ledger commit per batch)."),
     cfg.FloatOpt("batch_timeout", default=0.05, min=0.0,
                  help="Seconds to wait for a batch to fill before handling what arrived."),
-    cfg.IntOpt("executor_threads", default=4, min=1,
-               help="Threads of the listener's executor."),
+    cfg.IntOpt("executor_threads", default=1, min=1,
+               help="Threads handling notification batches. One is fastest: oslo.messaging's "
+                    "receive loop is the bottleneck and more threads only take its GIL "
+                    "(see BENCHMARKS.md); it also means a stalled ledger stops intake."),
 ]
 
 copy_opts = [

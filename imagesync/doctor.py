@@ -118,6 +118,12 @@ def admin_check(glance, cloud: str, error=None, unavailable=None) -> Result:
                              "needs the admin role by default)")
 
 
+def queue_name(conf) -> str:
+    """The queue the daemon consumes: its pool's, or with no pool the topic's own."""
+    n = conf.notifications
+    return n.pool or f"{n.topic}.info"
+
+
 def probe_queue(conf) -> tuple[str, int, int]:
     """Passively declare the pool queue: (where, messages, consumers). Raises on failure."""
     warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
@@ -144,8 +150,7 @@ def probe_queue(conf) -> tuple[str, int, int]:
                                   ssl=ssl, connect_timeout=5, **args) as connection:
                 connection.connect()
                 where = connection.as_uri()  # password masked by kombu
-                ok = connection.channel().queue_declare(queue=conf.notifications.pool,
-                                                        passive=True)
+                ok = connection.channel().queue_declare(queue=queue_name(conf), passive=True)
                 return where, ok.message_count, ok.consumer_count
         except Exception as exc:  # try the next host; report the last failure
             at = f"{args.get('hostname', 'localhost')}:{args.get('port', 5672)}"
@@ -154,7 +159,7 @@ def probe_queue(conf) -> tuple[str, int, int]:
 
 
 def queue_check(conf, probe) -> Result:
-    pool, title = conf.notifications.pool, "notification queue"
+    pool, title = queue_name(conf), "notification queue"
     try:
         where, messages, consumers = probe(conf)
     except Exception as exc:

@@ -160,7 +160,7 @@ def _upload_failure(text: str, metadata: Any) -> Event | str:
         event_type="image.upload",
         timestamp=_timestamp(metadata),
         message_id=_message_id(metadata),
-        reason=head.strip()[:REASON_LIMIT],
+        reason=_text(head.strip()[:REASON_LIMIT]),
         quota=any(phrase in lowered for phrase in _QUOTA_PHRASES),
     )
 
@@ -209,4 +209,11 @@ def _message_id(metadata: Any) -> str | None:
 
 
 def _text(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
+    """A string that SQLite and JSON can hold: lone surrogates become U+FFFD."""
+    if not isinstance(value, str):
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return value

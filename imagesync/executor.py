@@ -55,6 +55,7 @@ class Executor:
         self.stopping = threading.Event()
         self.glance_failures = 0
         self.ledger_failures = 0
+        self.visits = self.polls = 0   # Glance GETs to plan, and to track our imports
         self.paused_until = 0.0      # Glance or the ledger unusable: no work until then
         self.dispatch_paused_until = 0.0   # 403: no imports until then
         self.thread: threading.Thread | None = None
@@ -175,13 +176,17 @@ class Executor:
     # -- one image
 
     def _visit(self, image_id: str) -> None:
-        image = self.glance.get_image(image_id, poll=True)
+        image = self.glance.get_image(image_id)
         self.glance_failures = 0
         stores = self.glance.stores()
         desired, skipped = ({}, {}) if image is None else \
             planner.targets(self.policy.policy, image, stores)
         visit, before = self.ledger.record_visit(image_id, image, desired, skipped,
                                                  self.clock(), self.settings)
+        if any(c.state == planner.IN_FLIGHT for c in before.values()):
+            self.polls += 1   # tracking an import of ours, counted apart from planning
+        else:
+            self.visits += 1
         for store, copy in visit.changes.items():
             old = before.get(store)
             if old is None or old.state != copy.state:

@@ -92,7 +92,6 @@ class Glance:
         self._stores: dict[str, StoreInfo] | None = None
         self._stores_at = 0.0
         self.requests = 0  # for metrics and benchmarks
-        self.polls = 0
 
     @classmethod
     def connect(cls, cloud: str, clouds_file: str | None = None, **kw) -> Glance:
@@ -128,9 +127,8 @@ class Glance:
 
     # -- reads
 
-    def get_image(self, image_id: str, poll: bool = False) -> Image | None:
+    def get_image(self, image_id: str) -> Image | None:
         """The image as Glance shows it now; None when it is gone."""
-        self.polls += poll
         resp = self._request("GET", f"/images/{image_id}")
         if resp.status_code == 404:
             return None

@@ -233,7 +233,8 @@ class Ops:
         for ev in events:
             count += 1
             if ev.kind is EventKind.TASK:
-                if ev.task_id and ev.status in ("success", "failure"):
+                # The lock is released without a notification, around these last events.
+                if ev.task_id and ev.event_type in ("task.success", "task.failure", "task.run"):
                     tasks.add(ev.task_id)
                 continue
             ts = ev.timestamp.timestamp() if ev.timestamp else now

@@ -15,6 +15,8 @@ import time
 
 import oslo_messaging
 import structlog
+from oslo_messaging.notify import dispatcher as notify_dispatcher
+from oslo_messaging.notify import listener as notify_listener
 
 from imagesync import events
 from imagesync.backoff import compute_backoff
@@ -86,6 +88,42 @@ class Endpoint:
         return oslo_messaging.NotificationResult.REQUEUE
 
 
+class _BatchDispatcher(notify_dispatcher.BatchNotificationDispatcher):
+    """oslo.messaging's, except that one malformed envelope cannot requeue a whole batch.
+
+    oslo.messaging calls ``priority.lower()`` before any endpoint runs: a non-string priority
+    raises, and the server then requeues every message of the batch, forever. Such a message
+    gets no priority instead, which oslo.messaging logs as unknown and acknowledges.
+    """
+
+    def _extract_user_message(self, incoming):
+        try:
+            return super()._extract_user_message(incoming)
+        except Exception:
+            log.warning("malformed notification envelope dropped",
+                        priority=repr(incoming.message.get("priority"))[:100])
+            return "", incoming, None
+
+
+class _NoDuplicateCheck:
+    """Replaces oslo.messaging's cache of acknowledged `_unique_id`s on our listener.
+
+    oslo.messaging remembers the ids of the last 16 acknowledged notifications and drops a
+    later message with one of them WITHOUT acknowledging it: it stays unacknowledged for as
+    long as the connection lives, and is redelivered and dropped again after a reconnect
+    (a notifier's retried publish sends exactly such a copy). Recording an event twice is
+    harmless, so duplicates go through and are acknowledged like any other message.
+    """
+
+    @staticmethod
+    def check_duplicate_message(message: dict):
+        return message.pop("_unique_id", None)
+
+    @staticmethod
+    def add(_msg_id) -> None:
+        pass
+
+
 class Listener:
     """Owns the oslo.messaging transport and listener for one ConfigOpts."""
 
@@ -94,13 +132,17 @@ class Listener:
         n = conf.notifications
         self.transport = oslo_messaging.get_notification_transport(conf)
         targets = [oslo_messaging.Target(exchange=n.exchange, topic=n.topic)]
-        self.listener = oslo_messaging.get_batch_notification_listener(
-            self.transport, targets, [endpoint], executor="threading", pool=n.pool,
-            allow_requeue=True, batch_size=n.batch_size, batch_timeout=n.batch_timeout)
+        self.listener = notify_listener.BatchNotificationServer(
+            self.transport, targets, _BatchDispatcher([endpoint], None), "threading",
+            allow_requeue=True, pool=n.pool or None, batch_size=n.batch_size,
+            batch_timeout=n.batch_timeout)
         conf.set_override("executor_thread_pool_size", n.executor_threads)  # registered now
 
     def start(self) -> None:
         self.listener.start()
+        driver_listener = getattr(self.listener.listener, "_poll_style_listener", None)
+        if hasattr(driver_listener, "msg_id_cache"):
+            driver_listener.msg_id_cache = _NoDuplicateCheck()
 
     def stop(self) -> None:
         self.endpoint.stopping.set()

@@ -16,9 +16,11 @@ import structlog
 
 _PRIORITY = {"critical": 2, "error": 3, "exception": 3, "warning": 4, "warn": 4, "info": 6,
              "debug": 7}
-_URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s:\"']+:[^/@\s\"']+@")
-_SECRET_KEYS = re.compile(r"(?i)(\"?[a-z_-]*(?:password|passwd|secret|token|api_key|"
-                          r"application_credential_secret)\"?\s*[:=]\s*)(\"[^\"]*\"|'[^']*'|\S+)")
+_URL = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<netloc>[^/\s\"'?#]+)")
+_USERINFO = re.compile(r"[^,@/]*:[^,@/]*@")   # user:password@, once per host of a netloc
+_SECRET_KEYS = re.compile(r"(?i)([\"']?[a-z_-]*(?:password|passwd|secret|token|api_key|"
+                          r"application_credential_secret)[\"']?\s*[:=]\s*)"
+                          r"(\"[^\"]*\"|'[^']*'|\S+)")
 _QUIET = {"amqp": logging.WARNING, "kombu": logging.WARNING, "urllib3": logging.WARNING,
           "keystoneauth": logging.WARNING, "stevedore": logging.WARNING,
           "oslo.messaging._drivers.impl_rabbit": logging.WARNING,
@@ -27,8 +29,9 @@ _QUIET = {"amqp": logging.WARNING, "kombu": logging.WARNING, "urllib3": logging.
 
 
 def redact(text: str) -> str:
-    """Mask credentials: rabbit://user:SECRET@host -> rabbit://***@host, password=SECRET -> ***."""
-    text = _URL_CREDENTIALS.sub(r"\g<scheme>***@", text)
+    """Mask credentials: rabbit://u:SECRET@h1,u:SECRET@h2 -> rabbit://***@h1,***@h2, and
+    password=SECRET, "password": "SECRET", {'password': 'SECRET'} -> ***."""
+    text = _URL.sub(lambda m: m["scheme"] + _USERINFO.sub("***@", m["netloc"]), text)
     return _SECRET_KEYS.sub(r"\1***", text)
 
 

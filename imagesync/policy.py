@@ -165,6 +165,8 @@ def parse_policy(
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
         raise PolicyError([_syntax_problem(source, text, exc)]) from exc
+    except RecursionError as exc:  # PyYAML composes recursively: ~300 nested levels
+        raise PolicyError([Problem(source, 1, 1, "invalid YAML: nested too deeply")]) from exc
     rules = reader.document(root)
     if reader.errors:
         raise PolicyError(sorted(reader.errors, key=_position))

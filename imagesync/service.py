@@ -87,6 +87,9 @@ class ImagesyncService(oslo_service.Service):
 
     def start(self) -> None:
         conf = self.conf
+        # A SIGHUP restarts this worker; oslo.service's "mutate" restart only changes
+        # mutable options, so read the files again: a reload re-reads config and policy.
+        conf.reload_config_files()
         logsetup.setup(conf.imagesync.log_format, conf.imagesync.log_level)
         os.umask(0o077)
         self.ledger = Ledger(conf.imagesync.ledger_path,
@@ -145,7 +148,10 @@ class ImagesyncService(oslo_service.Service):
                 log.exception("error while stopping", part=type(part).__name__)
         if getattr(self, "ledger", None):
             self.ledger.close()
-        log.info("imagesync stopped", pid=os.getpid())
+        executor = getattr(self, "executor", None)
+        log.info("imagesync stopped", pid=os.getpid(),
+                 glance_requests=getattr(getattr(self, "glance", None), "requests", None),
+                 visits=getattr(executor, "visits", None), polls=getattr(executor, "polls", None))
         self._stopped.set()
 
     def wait(self) -> None:

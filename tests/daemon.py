@@ -33,7 +33,7 @@ class Daemon:
             "imagesync": {"policy_file": self.policy_file, "ledger_path": self.ledger_path,
                           "cloud": "sandbox", "clouds_file": sandbox.clouds_yaml,
                           "log_format": "json", "log_level": "DEBUG"},
-            "notifications": {"pool": self.pool, "batch_timeout": 0.05},
+            "notifications": {"pool": self.pool},
             "copy": {"poll_interval": 0.2, "backoff_base": 1, "backoff_cap": 4},
             "reconcile": {"interval": 0},
         }

@@ -335,3 +335,17 @@ rules:
     assert d.proc.poll() is None
     starts = [e for e in d.logs() if e.get("event") == "imagesync started"]
     assert len(starts) == 2, f"the child restarted {len(starts) - 1} times, expected once"
+
+
+def test_a_sighup_rereads_the_config_file_too(daemon):
+    d = daemon("version: 1\nrules: []\n").start()
+    assert any(e.get("event") == "imagesync started" and e.get("dry_run") is False
+               for e in d.logs())
+    d.conf_file.write_text(d.conf_file.read_text().replace("[imagesync]\n",
+                                                           "[imagesync]\ndry_run = true\n", 1))
+
+    d.signal(signal.SIGHUP)
+
+    wait_for(lambda: any(e.get("event") == "imagesync started" and e.get("dry_run") is True
+                         for e in d.logs()), timeout=60,
+             message="the new worker to start in dry-run mode")
