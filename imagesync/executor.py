@@ -85,14 +85,14 @@ class Executor:
 
     def run(self) -> None:
         while not self.stopping.is_set():
+            self.wake.clear()  # before the tick: a poke during the tick must not be lost
             try:
                 self._tick()
             except LedgerError as exc:
                 self._ledger_down(exc)
             except Exception:  # the loop must survive anything; the ledger keeps the work
                 log.exception("executor tick failed; retrying in 5 s")
-                self.wake.wait(5)
-            self.wake.clear()
+                self.stopping.wait(5)
             self.wake.wait(self._sleep_time())
 
     def _sleep_time(self) -> float:

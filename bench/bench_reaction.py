@@ -1,0 +1,133 @@
+"""Reaction: from an upload finishing to imagesync sending its copy-image request, versus
+the floor: from the same upload finishing to image.activate reaching a raw kombu consumer."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import kombu
+
+from bench.bench_ingest import amqp, cleanup
+from bench.common import LISTENER, RUNS, Section, connect, get_sandbox, spread
+from daemon import Daemon
+from helpers import upload_image, wait_for
+
+IMAGES = 50
+
+
+class ActivateClock:
+    """A raw kombu consumer on a queue of its own: when each image.activate arrived."""
+
+    def __init__(self, url: str):
+        self.arrived: dict[str, float] = {}
+        self.stop = threading.Event()
+        exchange = kombu.Exchange("glance", type="topic", durable=False, auto_delete=False)
+        self.queue = kombu.Queue(f"bench-floor-{uuid.uuid4().hex[:6]}", exchange,
+                                 routing_key="notifications.info", durable=False,
+                                 auto_delete=True)
+        self.conn = kombu.Connection(amqp(url))
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        self.ready.wait(30)
+
+    def _on(self, body, message) -> None:
+        now = time.time()
+        msg = json.loads(json.loads(body)["oslo.message"] if isinstance(body, str)
+                         else body["oslo.message"])
+        if msg.get("event_type") == "image.activate":
+            self.arrived.setdefault(msg["payload"]["id"], now)
+        message.ack()
+
+    def _run(self) -> None:
+        with self.conn.Consumer(self.queue, callbacks=[self._on],
+                                accept=["json", "text/plain"]):
+            self.ready.set()
+            while not self.stop.is_set():
+                try:
+                    self.conn.drain_events(timeout=0.2)
+                except TimeoutError:
+                    pass
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        self.conn.release()
+
+
+def percentile(values, p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+
+def one_run(box, conn, d: Daemon) -> tuple[list[float], list[float]]:
+    prefix = f"react{uuid.uuid4().hex[:6]}"
+    d.policy_file.write_text(f"version: 1\nrules:\n  - name: r\n    match: {{name: '{prefix}-*'}}"
+                             "\n    stores: [slow]\n")
+    d.start()
+    clock = ActivateClock(box.transport_url)
+    finished: dict[str, float] = {}
+    images = []
+    for i in range(IMAGES):
+        image = upload_image(conn, 64 * 1024, name=f"{prefix}-{i:02}")
+        finished[image.id] = time.time()  # the upload's PUT has returned (and a GET after it)
+        images.append(image)
+        wait_for(lambda i=image: d.copies(i.id).get("slow") == "done", timeout=60,
+                 interval=0.02, message="the copy, before the next upload")
+    wait_for(lambda: all(i.id in clock.arrived for i in images), timeout=30,
+             message="every image.activate at the raw consumer")
+    clock.close()
+    d.stop()
+    sent = {}
+    for e in d.logs(since_start=True):
+        if e.get("event") == "copy-image sent" and e.get("image_id") in finished:
+            ts = datetime.datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00"))
+            sent.setdefault(e["image_id"], ts.timestamp())
+    for image in images:
+        conn.image.delete_image(image, ignore_missing=True)
+    mine = [sent[i] - finished[i] for i in finished]
+    floor = [clock.arrived[i] - finished[i] for i in finished]
+    return mine, floor
+
+
+def run() -> Section:
+    box = get_sandbox()
+    conn = connect(box)
+    d = Daemon(box, Path(tempfile.mkdtemp(prefix="bench-react-")), "version: 1\nrules: []\n",
+               {"imagesync": {"log_level": "INFO"}, "reconcile": {"interval": 0},
+                "notifications": LISTENER})
+    section = Section("Reaction", f"{IMAGES} images uploaded one after another; for each, the "
+                      "time from its upload returning to imagesync logging `copy-image sent` "
+                      "for it, versus the floor: from the same moment to `image.activate` "
+                      "reaching a raw kombu consumer (`python bench/bench_reaction.py`). "
+                      "Negative floors: Glance notifies before it answers the upload.")
+    p50, p99, f50, f99 = [], [], [], []
+    for _ in range(RUNS):
+        mine, floor = one_run(box, conn, d)
+        p50.append(percentile(mine, 50) * 1000)
+        p99.append(percentile(mine, 99) * 1000)
+        f50.append(percentile(floor, 50) * 1000)
+        f99.append(percentile(floor, 99) * 1000)
+    cleanup(box.transport_url, d.pool)
+    d50 = sorted(a - b for a, b in zip(p50, f50))[len(p50) // 2]
+    d99 = sorted(a - b for a, b in zip(p99, f99))[len(p99) // 2]
+    section.row("p50 upload -> copy-image sent (ms)", spread(p50), spread(f50),
+                f"+{d50:.0f} ms", "within 50 ms of the floor")
+    section.row("p99 upload -> copy-image sent (ms)", spread(p99), spread(f99),
+                f"+{d99:.0f} ms", "within 500 ms of the floor")
+    conf = d.conf_file.read_text()
+    section.note("listener settings: " + ", ".join(
+        line.strip() for line in conf.splitlines()
+        if line.startswith(("batch", "executor_threads"))) + " (the daemon's defaults where "
+        "not listed)")
+    return section
+
+
+if __name__ == "__main__":
+    print(run().markdown())

@@ -1,0 +1,79 @@
+"""Shared pieces of the benchmarks: a sandbox, figures, and min/median/max.
+
+Every benchmark measures imagesync beside a baseline run in the same process or
+the same run, so the ratios hold on a noisy machine. No assertions here: the
+figures go to BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import sandbox as sandbox_mod  # noqa: E402
+
+BENCH_DIR = Path(os.environ.get("IMAGESYNC_BENCH_DIR", ROOT / ".sandbox-bench"))
+RUNS = int(os.environ.get("IMAGESYNC_BENCH_RUNS", "3"))
+# The daemon's listener defaults unless the environment says otherwise (to compare settings).
+LISTENER = {k: v for k, v in (
+    ("batch_size", os.environ.get("IMAGESYNC_BENCH_BATCH_SIZE")),
+    ("batch_timeout", os.environ.get("IMAGESYNC_BENCH_BATCH_TIMEOUT")),
+    ("executor_threads", os.environ.get("IMAGESYNC_BENCH_EXECUTOR_THREADS"))) if v}
+
+
+def get_sandbox() -> sandbox_mod.Sandbox:
+    """The benchmarks' own sandbox, kept between runs (its 10,000-image catalogue is costly)."""
+    box = sandbox_mod.Sandbox(BENCH_DIR)
+    if not all(box.running().values()):
+        box.down()
+        box.up()
+    return box
+
+
+def connect(box, headers=None):
+    import openstack.config
+    import openstack.connection
+
+    region = openstack.config.OpenStackConfig(
+        config_files=[str(box.clouds_yaml)], load_envvars=False).get_one(sandbox_mod.CLOUD)
+    conn = openstack.connection.Connection(config=region)
+    if headers:
+        conn.session.additional_headers.update(headers)
+    return conn
+
+
+def spread(values) -> str:
+    """'min / median / max' of a list of numbers, 3 significant figures."""
+    values = sorted(values)
+    return " / ".join(f"{v:.3g}" for v in (values[0], statistics.median(values), values[-1]))
+
+
+class Section:
+    """One benchmark's rows for BENCHMARKS.md: figure, imagesync, baseline, ratio, goal."""
+
+    def __init__(self, title: str, how: str):
+        self.title, self.how, self.rows, self.notes = title, how, [], []
+
+    def row(self, figure: str, imagesync: str, baseline: str = "", ratio: str = "",
+            goal: str = "") -> None:
+        self.rows.append((figure, imagesync, baseline, ratio, goal))
+        print(f"  {figure}: {imagesync}  | baseline {baseline} | ratio {ratio} | goal {goal}",
+              flush=True)
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+        print(f"  note: {text}", flush=True)
+
+    def markdown(self) -> str:
+        out = [f"## {self.title}", "", self.how, "",
+               "| figure | imagesync (min / median / max) | baseline | ratio | goal |",
+               "|---|---|---|---|---|"]
+        out += [f"| {' | '.join(r)} |" for r in self.rows]
+        out += [""] + [f"- {n}" for n in self.notes]
+        return "\n".join(out) + "\n"
