@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import atexit
 import os
 import pwd
 import secrets
@@ -22,6 +23,8 @@ from pathlib import Path
 
 import kombu
 import pytest
+
+import imagesync
 import sandbox as sandbox_mod
 from conftest import OTHER_PROJECT
 from daemon import Daemon, import_requests
@@ -242,6 +245,18 @@ def _as_user(user: str) -> list[str]:
     return ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "--"]
 
 
+def _open_for_reading(*paths: str) -> None:
+    """Let other users read these trees (tox makes .tox 0700); modes come back at exit."""
+    changed: list[tuple[Path, int]] = []
+    for path in paths:
+        for directory in [Path(path), *Path(path).parents]:
+            mode = directory.stat().st_mode & 0o7777
+            if mode & 0o005 != 0o005:
+                changed.append((directory, mode))
+                directory.chmod(mode | 0o005)
+    atexit.register(lambda: [d.chmod(m) for d, m in reversed(changed)])
+
+
 def _python_for(user: str, cwd: Path) -> tuple[list[str], str]:
     """A command that runs `python -m imagesync.cmd` as `user`, and which interpreter it is.
 
@@ -255,7 +270,9 @@ def _python_for(user: str, cwd: Path) -> tuple[list[str], str]:
         return [sys.executable, "-m", "imagesync.cmd"], sys.executable
     system = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
     site = sysconfig.get_paths()["purelib"]
-    boot = (f"import runpy, site, sys; site.addsitedir({site!r}); "
+    root = str(Path(imagesync.__file__).resolve().parent.parent)  # editable installs, too
+    _open_for_reading(site, root)
+    boot = (f"import runpy, site, sys; site.addsitedir({site!r}); sys.path.insert(0, {root!r}); "
             "sys.argv[0] = 'imagesync-daemon'; "
             "runpy.run_module('imagesync.cmd', run_name='__main__', alter_sys=True)")
     return [system, "-I", "-S", "-c", boot], f"{system} with {site}"
