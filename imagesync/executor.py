@@ -56,6 +56,7 @@ class Executor:
         self.glance_failures = 0
         self.ledger_failures = 0
         self.visits = self.polls = 0   # Glance GETs to plan, and to track our imports
+        self.locks_seen: dict[tuple[str, str], tuple[float, float | None]] = {}
         self.paused_until = 0.0      # Glance or the ledger unusable: no work until then
         self.dispatch_paused_until = 0.0   # 403: no imports until then
         self.thread: threading.Thread | None = None
@@ -195,8 +196,17 @@ class Executor:
             self._read_lock_task(image_id, visit.foreign_lock)
 
     def _read_lock_task(self, image_id: str, task_id: str | None) -> None:
+        """Learn the status and age of the task holding an image's lock, once per lock_poll."""
         if not task_id:
             return
+        now = self.clock()
+        first_seen, last_read = self.locks_seen.get((image_id, task_id), (now, None))
+        if last_read is not None and now - last_read < self.settings.lock_poll:
+            return
+        if len(self.locks_seen) > 10_000:  # forget locks long gone (bounded memory)
+            self.locks_seen = {k: v for k, v in self.locks_seen.items()
+                               if now - v[0] < 4 * self.settings.lock_expiry}
+        self.locks_seen[(image_id, task_id)] = (first_seen, now)
         for task in self.glance.image_tasks(image_id):
             if task["id"] == task_id:
                 self.ledger.record_lock_task(image_id, task_id, task["status"],
@@ -204,6 +214,15 @@ class Executor:
                 log.info("image held by another import", image_id=image_id, task=task_id,
                          task_status=task["status"])
                 return
+        # Glance has no such task: its API died between taking the lock and saving the task.
+        # Glance breaks such a lock on the next import request, whatever its age. But it takes
+        # the lock a moment before it saves the task: only a lock seen for a while is orphaned.
+        if now - first_seen < self.settings.settle_grace:
+            self.locks_seen[(image_id, task_id)] = (first_seen, None)  # read again next visit
+            return
+        self.ledger.record_lock_task(image_id, task_id, "missing", None)
+        log.warning("image locked by a task Glance does not have", image_id=image_id,
+                    task=task_id)
 
     def _import(self, image_id: str, stores: list[str], size: int) -> None:
         log.info("copy-image sent", image_id=image_id, stores=stores, bytes=size)

@@ -162,13 +162,22 @@ def plan_visit(image: Image | None, copies: Mapping[str, Copy], desired, skipped
     in_flight = {st for st, c in copies.items() if c.state == IN_FLIGHT}
     import_over = False
     look_at: float | None = None
+    watch, own_waiting = None, None
     if in_flight:
         settled = all(st in image.stores for st in in_flight)
         young = track.import_started_at is not None and \
             now - track.import_started_at < s.settle_grace
-        if image.import_task or (not settled and not track.saw_lock and young
-                                 and not track.recovering):
+        # Our import's task can die with its glance-api (kill, restart) and keep the lock:
+        # once the task is older than Glance's expiry, the import is over, and the next
+        # import request will preempt the lock.
+        dead = bool(image.import_task) and _describe_lock(image, track, now, s)[1]
+        if (image.import_task and not dead) or (
+                not settled and not track.saw_lock and young and not track.recovering):
             look_at = now + s.poll_interval   # still importing (or not visibly started yet)
+            if image.import_task and track.import_started_at is not None and \
+                    now - track.import_started_at >= s.lock_poll:
+                watch = image.import_task      # a long import: learn its task's age
+                own_waiting = _describe_lock(image, track, now, s)[0]
         else:
             changes.update(_resolve_import(image, copies, track, now, s))
             import_over = True
@@ -207,7 +216,7 @@ def plan_visit(image: Image | None, copies: Mapping[str, Copy], desired, skipped
                                   error_message="no rule wants this store any more")
     copies.update(changes)
 
-    waiting, lock_stale, foreign = None, False, None
+    waiting, lock_stale, foreign = own_waiting, False, watch
     open_copies = [c for st, c in copies.items() if c.state in OPEN and st not in image.stores]
     if image.status != "active":
         waiting = f"image is {image.status}"
@@ -227,6 +236,9 @@ def plan_visit(image: Image | None, copies: Mapping[str, Copy], desired, skipped
 def _describe_lock(image: Image, track: Tracking, now: float, s: Settings):
     """Text for an image held by an import that is not ours, and whether the lock is stale."""
     text = f"import lock held by task {image.import_task}"
+    if track.lock_task == image.import_task and track.lock_task_status == "missing":
+        return text + " (Glance has no such task); stale: Glance will preempt it on the " \
+                      "next import", True
     if track.lock_task == image.import_task and track.lock_task_updated_at:
         age = now - track.lock_task_updated_at
         expiry = s.lock_expiry * (2 if track.lock_task_status == "pending" else 1)
