@@ -28,11 +28,18 @@ LISTENER = {k: v for k, v in (
 
 
 def get_sandbox() -> sandbox_mod.Sandbox:
-    """The benchmarks' own sandbox, kept between runs (its 10,000-image catalogue is costly)."""
-    box = sandbox_mod.Sandbox(BENCH_DIR)
-    if not all(box.running().values()):
-        box.down()
-        box.up()
+    """The benchmarks' own sandbox, kept between runs (its 10,000-image catalogue is costly).
+
+    A file lock keeps two benchmark processes from starting it at once."""
+    import fcntl
+
+    BENCH_DIR.mkdir(parents=True, exist_ok=True)
+    with open(BENCH_DIR.parent / f".{BENCH_DIR.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        box = sandbox_mod.Sandbox(BENCH_DIR)
+        if not all(box.running().values()):
+            box.down()
+            box.up()
     return box
 
 

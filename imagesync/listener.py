@@ -25,6 +25,7 @@ from imagesync.ledger import LedgerError
 log = structlog.get_logger("imagesync.listener")
 
 PRIORITIES = ("audit", "debug", "info", "warn", "error", "critical", "sample")
+IDLE_POLL = 1.0  # longest one poll of an idle queue blocks: the idle listener's wake-ups/s
 
 
 class Endpoint:
@@ -124,6 +125,23 @@ class _NoDuplicateCheck:
         pass
 
 
+class _FirstThenBatch:
+    """Wait for a batch's first message in long polls, and only then batch_timeout for more.
+
+    oslo.messaging's batch poll waits in batch_timeout slices even while the queue is empty,
+    so a small batch_timeout makes an idle listener wake 1 / batch_timeout times a second.
+    """
+
+    def __init__(self, poll, idle_poll: float):
+        self.poll, self.idle_poll = poll, idle_poll
+
+    def __call__(self, timeout=None, batch_size=1, batch_timeout=None):
+        first = self.poll(batch_size=1, batch_timeout=self.idle_poll)
+        if not first or batch_size <= 1:
+            return first
+        return first + self.poll(batch_size=batch_size - 1, batch_timeout=batch_timeout)
+
+
 class Listener:
     """Owns the oslo.messaging transport and listener for one ConfigOpts."""
 
@@ -143,6 +161,8 @@ class Listener:
         driver_listener = getattr(self.listener.listener, "_poll_style_listener", None)
         if hasattr(driver_listener, "msg_id_cache"):
             driver_listener.msg_id_cache = _NoDuplicateCheck()
+        if hasattr(driver_listener, "poll"):
+            driver_listener.poll = _FirstThenBatch(driver_listener.poll, IDLE_POLL)
 
     def stop(self) -> None:
         self.endpoint.stopping.set()
