@@ -118,7 +118,8 @@ class Executor:
                 busy = set(self.busy)
             claims = self.ledger.claim(now, self.caps.max_imports, self.caps.per_store,
                                        self.caps.max_bytes_in_flight,
-                                       self.caps.max_bytes_per_hour, self._free(), busy)
+                                       self.caps.max_bytes_per_hour, self._free(), busy,
+                                       self.settings.poll_interval)
             for image_id, stores, size in claims:
                 if not self._submit(image_id, self._import, image_id, stores, size):
                     self.ledger.release_claim(image_id, stores, self.clock())

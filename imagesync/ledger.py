@@ -375,8 +375,8 @@ class Ops:
     # -- imports
 
     def claim(self, now: float, max_imports: int, per_store: int, max_bytes_in_flight: int,
-              max_bytes_per_hour: int, limit: int, exclude: Iterable[str] = ()
-              ) -> list[tuple[str, list[str], int]]:
+              max_bytes_per_hour: int, limit: int, exclude: Iterable[str] = (),
+              poll_interval: float = 1.0) -> list[tuple[str, list[str], int]]:
         """Mark the next copies in flight, within every cap, BEFORE their POST is sent.
 
         `exclude`: images another operation is busy with; they wait for the next claim.
@@ -431,8 +431,11 @@ class Ops:
                    f"started_at = ?, finished_at = NULL, next_attempt_at = NULL, bytes = ?, "
                    f"updated_at = ? WHERE image_id = ? AND store IN ({marks})",
                    (now, size, now, row["image_id"], *chosen))
+            # A look is scheduled even before the POST's outcome is recorded: if that record
+            # cannot be written (disk full), the image is still polled, never forgotten.
             self.x("UPDATE images SET import_started_at = ?, saw_lock = 0, recovering = 0, "
-                   "look_at = NULL, updated_at = ? WHERE id = ?", (now, now, row["image_id"]))
+                   "look_at = ?, updated_at = ? WHERE id = ?",
+                   (now, now + poll_interval, now, row["image_id"]))
             claims.append((row["image_id"], chosen, size))
         return claims
 

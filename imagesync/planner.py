@@ -171,6 +171,11 @@ def plan_visit(image: Image | None, copies: Mapping[str, Copy], desired, skipped
         # once the task is older than Glance's expiry, the import is over, and the next
         # import request will preempt the lock.
         dead = bool(image.import_task) and _describe_lock(image, track, now, s)[1]
+        # A finished task can keep its lock (glance-api stopped before releasing it; Glance
+        # then holds it until it expires): our import is over all the same.
+        finished = track.lock_task == image.import_task and \
+            track.lock_task_status in ("success", "failure")
+        dead = dead or (bool(image.import_task) and finished)
         if (image.import_task and not dead) or (
                 not settled and not track.saw_lock and young and not track.recovering):
             look_at = now + s.poll_interval   # still importing (or not visibly started yet)

@@ -175,6 +175,8 @@ def test_claim_marks_copies_in_flight_and_counts_the_attempt_before_returning(le
         "fast": ("done", 0), "slow": ("in_flight", 1), "edge": ("in_flight", 1)}
     assert rows["slow"]["started_at"] == T0 + 10
     assert image_row(path)["import_started_at"] == T0 + 10
+    # A look is already scheduled: if the POST's outcome cannot be recorded, it is still polled
+    assert image_row(path)["look_at"] == T0 + 10 + 1.0
 
 
 def test_claim_keeps_to_max_imports_counted_in_images(ledger):

@@ -118,6 +118,25 @@ def test_an_import_that_still_holds_the_lock_keeps_being_polled_even_when_the_st
     assert not result.import_over
 
 
+def test_our_import_whose_task_finished_is_over_even_while_glance_keeps_its_lock():
+    # Given glance-api stopped after our task succeeded but before it released the lock
+    img = image(stores=("fast", "slow"), lock=OUR_TASK)
+    track = importing(saw_lock=True, lock_task=OUR_TASK, lock_task_status="success",
+                      lock_task_updated_at=NOW - 120)
+    result = visit(img, [copy("fast", DONE), copy("slow", IN_FLIGHT, 1)], track=track)
+    # Then the copy is done now, not when Glance's 60-minute expiry frees the lock
+    assert result.import_over
+    assert result.changes["slow"].state == DONE
+
+
+def test_our_import_whose_task_is_still_processing_keeps_being_polled():
+    img = image(stores=("fast",), lock=OUR_TASK)
+    track = importing(saw_lock=True, lock_task=OUR_TASK, lock_task_status="processing",
+                      lock_task_updated_at=NOW - 120)
+    result = visit(img, [copy("fast", DONE), copy("slow", IN_FLIGHT, 1)], track=track)
+    assert not result.import_over and result.look_at == NOW + SETTINGS.poll_interval
+
+
 def test_an_empty_first_poll_right_after_the_post_is_neither_success_nor_failure():
     # Given we POSTed 5 s ago; Glance shows no lock yet and slow is not in stores
     result = visit(image(stores=("fast",)), [copy("fast", DONE), copy("slow", IN_FLIGHT, 1)],
