@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,27 @@ def member_conn(sandbox):
 @pytest.fixture(scope="session")
 def transport_url(sandbox) -> str:
     return sandbox.transport_url
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A name prefix owned by one test, so its policy only ever matches its own images."""
+    return f"t{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture
+def daemon(sandbox, tmp_path):
+    """daemon(policy, options) -> a Daemon in a directory of its own; stopped at the end."""
+    from daemon import Daemon
+
+    started: list[Daemon] = []
+
+    def make(policy: str, options: dict | None = None, name: str | None = None) -> Daemon:
+        d = Daemon(sandbox, tmp_path / (name or f"d{len(started)}"), policy, options)
+        started.append(d)
+        return d
+
+    yield make
+    for d in started:
+        if d.proc and d.proc.poll() is None:
+            d.stop()

@@ -13,29 +13,8 @@ import subprocess
 import sys
 import uuid
 
-import pytest
 from daemon import Daemon
 from helpers import stores_of, upload_image, wait_for
-
-
-@pytest.fixture
-def prefix() -> str:
-    return f"c{uuid.uuid4().hex[:6]}"
-
-
-@pytest.fixture
-def daemon(sandbox, tmp_path):
-    made: list[Daemon] = []
-
-    def make(policy: str, options: dict | None = None) -> Daemon:
-        d = Daemon(sandbox, tmp_path / f"d{len(made)}", policy, options)
-        made.append(d)
-        return d
-
-    yield make
-    for d in made:
-        if d.proc and d.proc.poll() is None:
-            d.stop()
 
 
 def imagesync(d: Daemon, *args: str) -> subprocess.CompletedProcess:

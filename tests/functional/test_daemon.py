@@ -5,35 +5,11 @@ from __future__ import annotations
 import signal
 import subprocess
 import threading
-import time
-import uuid
 
-import pytest
 
 from conftest import OTHER_PROJECT
-from daemon import Daemon, import_requests
+from daemon import import_requests
 from helpers import import_settled, stores_of, upload_image, wait_for
-
-
-@pytest.fixture
-def prefix() -> str:
-    """A name prefix owned by one test, so its policy only ever matches its own images."""
-    return f"t{uuid.uuid4().hex[:6]}"
-
-
-@pytest.fixture
-def daemon(sandbox, tmp_path):
-    started: list[Daemon] = []
-
-    def make(policy: str, options: dict | None = None, name: str = "d") -> Daemon:
-        d = Daemon(sandbox, tmp_path / name, policy, options)
-        started.append(d)
-        return d
-
-    yield make
-    for d in started:
-        if d.proc and d.proc.poll() is None:
-            d.stop()
 
 
 def settled_in(conn, image_id: str, stores: set[str]) -> bool:
