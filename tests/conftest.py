@@ -114,3 +114,12 @@ def daemon(sandbox, tmp_path):
     for d in started:
         if d.proc and d.proc.poll() is None:
             d.stop()
+
+
+@pytest.fixture(autouse=True)
+def _no_daemon_left_behind():
+    """A test that fails before stopping its daemons must not leave them running."""
+    yield
+    from daemon import stop_leftovers
+
+    stop_leftovers()

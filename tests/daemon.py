@@ -6,6 +6,7 @@ signals its whole process group, which must never include the test runner.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
@@ -17,6 +18,21 @@ import uuid
 from pathlib import Path
 
 from helpers import wait_for
+
+RUNNING: set[Daemon] = set()  # started and not yet stopped: cleaned after each test, and at exit
+
+
+def stop_leftovers() -> None:
+    """Stop every daemon a test or benchmark started and did not stop (e.g. it failed)."""
+    for d in list(RUNNING):
+        try:
+            d.stop(timeout=30)
+        except AssertionError:
+            pass  # stop() already killed it
+        RUNNING.discard(d)
+
+
+atexit.register(stop_leftovers)
 
 
 class Daemon:
@@ -55,6 +71,7 @@ class Daemon:
             stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        RUNNING.add(self)
         if wait:
             wait_for(lambda: self.proc.poll() is not None or
                      any(e.get("event") == "imagesync started" for e in self.logs(since_start=True)),
@@ -66,6 +83,7 @@ class Daemon:
         os.kill(self.proc.pid, sig)
 
     def stop(self, timeout: float = 60) -> int | None:
+        RUNNING.discard(self)
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else None
         self.proc.send_signal(signal.SIGTERM)
@@ -77,6 +95,7 @@ class Daemon:
 
     def kill(self) -> None:
         """SIGKILL the daemon's whole process group, parent and child, at once."""
+        RUNNING.discard(self)
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
