@@ -19,6 +19,7 @@ PENDING, IN_FLIGHT, DONE, RETRYING, FAILED, CANCELLED = (
 STATES = (PENDING, IN_FLIGHT, DONE, RETRYING, FAILED, CANCELLED)
 OPEN = frozenset({PENDING, RETRYING})            # waiting to be sent
 CLONE_ONLY_TYPES = frozenset({"cinder", "rbd"})  # useless targets for non-raw images
+MIN_POLL = 0.2  # seconds: the soonest an import of ours is polled again
 GONE_STATUSES = frozenset({"deleted", "pending_delete", "killed"})
 
 
@@ -178,7 +179,7 @@ def plan_visit(image: Image | None, copies: Mapping[str, Copy], desired, skipped
         dead = dead or (bool(image.import_task) and finished)
         if (image.import_task and not dead) or (
                 not settled and not track.saw_lock and young and not track.recovering):
-            look_at = now + s.poll_interval   # still importing (or not visibly started yet)
+            look_at = now + _poll_delay(track, now, s)   # still importing (or not started yet)
             if image.import_task and track.import_started_at is not None and \
                     now - track.import_started_at >= s.lock_poll:
                 watch = image.import_task      # a long import: learn its task's age
@@ -251,6 +252,14 @@ def _describe_lock(image: Image, track: Tracking, now: float, s: Settings):
         if age >= expiry:
             return text + "; stale: Glance will preempt it on the next import", True
     return text, False
+
+
+def _poll_delay(track: Tracking, now: float, s: Settings) -> float:
+    """Poll a young import soon (most copies take well under a second), then back off to
+    poll_interval: the next poll comes after a quarter of the time the import has taken."""
+    if track.import_started_at is None:
+        return s.poll_interval
+    return min(s.poll_interval, max(MIN_POLL, (now - track.import_started_at) / 4))
 
 
 def _earliest(a: float | None, b: float | None) -> float | None:

@@ -114,7 +114,7 @@ def test_an_import_that_still_holds_the_lock_keeps_being_polled_even_when_the_st
                    track=importing(saw_lock=True))
     # Then nothing is decided yet: we look again after the poll interval
     assert result.changes == {}
-    assert result.look_at == NOW + SETTINGS.poll_interval
+    assert result.look_at == NOW + 5.0 / 4  # a quarter of the 5 s the import has taken
     assert not result.import_over
 
 
@@ -134,7 +134,16 @@ def test_our_import_whose_task_is_still_processing_keeps_being_polled():
     track = importing(saw_lock=True, lock_task=OUR_TASK, lock_task_status="processing",
                       lock_task_updated_at=NOW - 120)
     result = visit(img, [copy("fast", DONE), copy("slow", IN_FLIGHT, 1)], track=track)
-    assert not result.import_over and result.look_at == NOW + SETTINGS.poll_interval
+    assert not result.import_over and result.look_at == NOW + 5.0 / 4
+
+
+@pytest.mark.parametrize("taken, next_poll", [(0.1, 0.2), (1.0, 0.25), (4.0, 1.0), (60.0, 2.0)])
+def test_a_young_import_is_polled_soon_and_a_long_one_backs_off_to_the_poll_interval(
+        taken, next_poll):
+    img = image(stores=("fast",), lock=OUR_TASK)
+    result = visit(img, [copy("fast", DONE), copy("slow", IN_FLIGHT, 1)],
+                   track=importing(started=NOW - taken, saw_lock=True))
+    assert result.look_at == pytest.approx(NOW + next_poll)
 
 
 def test_an_empty_first_poll_right_after_the_post_is_neither_success_nor_failure():
@@ -143,7 +152,7 @@ def test_an_empty_first_poll_right_after_the_post_is_neither_success_nor_failure
                    track=importing(started=NOW - 5.0, saw_lock=False))
     # Then the copy stays in flight and is polled again
     assert result.changes == {}
-    assert result.look_at == NOW + SETTINGS.poll_interval
+    assert result.look_at == NOW + 5.0 / 4  # a quarter of the 5 s the import has taken
     assert not result.import_over
 
 
