@@ -34,7 +34,7 @@ def get_sandbox() -> sandbox_mod.Sandbox:
     import fcntl
 
     BENCH_DIR.mkdir(parents=True, exist_ok=True)
-    with open(BENCH_DIR.parent / f".{BENCH_DIR.name}.lock", "w") as lock:
+    with open(BENCH_DIR.with_name(BENCH_DIR.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         box = sandbox_mod.Sandbox(BENCH_DIR)
         if not all(box.running().values()):
