@@ -1,12 +1,14 @@
 """Entry point of imagesync-daemon: validate, hand over systemd's socket, launch.
 
-At the very first start (no last good policy in the ledger) an invalid policy
-or config makes the daemon exit non-zero with the errors: a failing child would
-only be respawned forever by oslo.service.
+At start an invalid config, and at the very first start (no last good policy in
+the ledger) an invalid policy, make the daemon exit non-zero with the errors: a
+failing child would only be respawned forever by oslo.service. At each SIGHUP
+the main process tells systemd RELOADING=1; the new worker says READY=1.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 
@@ -16,10 +18,6 @@ warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
 from oslo_config import cfg  # noqa: E402
 
 from imagesync import conf as conf_mod  # noqa: E402
-
-cli_opts = [cfg.BoolOpt("dry-run", default=False,
-                        help="Plan and record copies, import nothing (same as "
-                             "[imagesync] dry_run).")]
 
 
 def _first_start(conf) -> bool:
@@ -48,14 +46,17 @@ def _known_stores(conf):
 
 
 def main(argv: list[str] | None = None) -> int:
-    conf = conf_mod.register(cfg.ConfigOpts())
-    conf.register_cli_opts(cli_opts)
+    conf = conf_mod.Config(conf_mod.daemon_cli_opts)
     try:
         conf(sys.argv[1:] if argv is None else argv, project="imagesync",
              prog="imagesync-daemon",
              default_config_files=conf_mod.default_config_files())
     except cfg.Error as exc:
         print(f"imagesync-daemon: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if not conf.reload_config_files():  # values are converted only when read: read them all
+        for problem in conf.problems:
+            print(f"imagesync-daemon: configuration error: {problem}", file=sys.stderr)
         return 2
     if conf.dry_run:
         conf.set_override("dry_run", True, group="imagesync")
@@ -74,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     from imagesync.service import ImagesyncService, oslo_service  # selects the threading backend
 
     systemd.hand_over()
+    main_pid = os.getpid()  # the hooks run in the forked worker too: only this process says it
+    conf.on_sighup.append(lambda: os.getpid() == main_pid and systemd.notify(
+        "RELOADING=1\nSTATUS=reloading: starting a worker with the files as they are now"))
 
     launcher = oslo_service.launch(conf, ImagesyncService(conf), workers=1,
                                    restart_method="mutate")

@@ -1,10 +1,13 @@
 """imagesync's oslo.config options, grouped, with list_opts() for oslo-config-generator.
 
-Declares options only: nothing here reads files or talks to a service. The
-daemon and the CLI build a ConfigOpts with `load()` and pass it down.
+Declares options, and `Config`: a ConfigOpts whose reloads never trade working
+settings for broken ones. Talks to no service. The daemon and the CLI build
+their ConfigOpts here and pass it down.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterable
 
 from oslo_config import cfg
 
@@ -125,6 +128,67 @@ def register(conf: cfg.ConfigOpts) -> cfg.ConfigOpts:
     for group, opts in GROUPS.items():
         conf.register_opts(opts, group=group)
     return conf
+
+
+daemon_cli_opts = [
+    cfg.BoolOpt("dry-run", default=False,
+                help="Plan and record copies, import nothing (same as [imagesync] dry_run)."),
+]
+
+
+def check_files(argv: list[str], cli_opts: Iterable[cfg.Opt] = (), **kw) -> list[str]:
+    """What is wrong with the files `argv` names: parse them into a scratch ConfigOpts and
+    read every option (oslo.config converts values only when they are read)."""
+    scratch = register(cfg.ConfigOpts())
+    scratch.register_cli_opts(list(cli_opts))
+    try:
+        scratch(argv, **kw)
+    except cfg.Error as exc:
+        return [str(exc)]
+    found = []
+    for group, opts in GROUPS.items():
+        for opt in opts:
+            try:
+                getattr(scratch[group], opt.dest)
+            except (cfg.Error, ValueError) as exc:
+                found.append(f"[{group}] {opt.dest}: {exc}")
+    return found
+
+
+class Config(cfg.ConfigOpts):
+    """A ConfigOpts whose reloads keep the settings in force when the files are broken.
+
+    On SIGHUP oslo.service (cotyledon) calls mutate_config_files() in the parent and in
+    the old worker, and the new worker calls reload_config_files(). Both first check the
+    files with `check_files()`; only clean files are applied, else `self.problems` says why.
+    The parent applies every option, not only mutable ones: a worker it forks later starts
+    from the last good settings. `on_sighup` callables run at each SIGHUP reload.
+    """
+
+    def __init__(self, cli_opts: Iterable[cfg.Opt] = ()):
+        super().__init__()
+        register(self)
+        self._cli = list(cli_opts)
+        self.register_cli_opts(self._cli)
+        self._call: tuple[list[str], dict] = ([], {})
+        self.problems: list[str] = []
+        self.on_sighup: list[Callable[[], object]] = []
+
+    def __call__(self, args=None, **kw):  # type: ignore[override]
+        self._call = (list(args or []), kw)
+        return super().__call__(args, **kw)
+
+    def reload_config_files(self) -> bool:
+        argv, kw = self._call
+        self.problems = check_files(argv, self._cli, **kw)
+        return not self.problems and super().reload_config_files()
+
+    def mutate_config_files(self):
+        for hook in self.on_sighup:
+            hook()
+        if not self.reload_config_files():
+            return {}
+        return super().mutate_config_files()
 
 
 def default_config_files() -> list[str]:

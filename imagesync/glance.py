@@ -99,7 +99,11 @@ class Glance:
         import openstack.connection
 
         files = [clouds_file] if clouds_file else None
-        region = openstack.config.OpenStackConfig(config_files=files).get_one(cloud)
+        # force_ipv4 only changes how openstacksdk picks a *server's* address; without it,
+        # Connection() asks psutil.net_if_addrs() whether this host has IPv6, which opens an
+        # AF_NETLINK socket that the systemd unit's RestrictAddressFamilies= refuses.
+        region = openstack.config.OpenStackConfig(config_files=files).get_one(
+            cloud, force_ipv4=True)
         return cls(openstack.connection.Connection(config=region), **kw)
 
     # -- transport

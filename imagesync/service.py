@@ -2,12 +2,15 @@
 
 Everything is built in start(), which runs in the child that oslo.service forks,
 so no connection crosses the fork. A SIGHUP restarts that child, which re-reads
-config and policy; an invalid policy then leaves the last good one (kept in the
-ledger) in force. Wiring only: the work is done by the modules it starts.
+config and policy; an invalid file then leaves the last good one in force (the
+config in memory, the policy in the ledger). The worker says READY=1 once it
+consumes, never STOPPING=1: it also stops for a reload, which is not a stop of the
+service. Wiring only: the work is done by the modules it starts.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -24,7 +27,7 @@ from imagesync import systemd
 from imagesync.backoff import compute_backoff
 from imagesync.executor import Caps, Executor, PolicyHolder
 from imagesync.glance import Glance, GlanceError
-from imagesync.ledger import Ledger, Ops
+from imagesync.ledger import Ledger, LedgerError, Ops
 from imagesync.listener import Endpoint, Listener
 from imagesync.planner import Settings
 from imagesync.policy import Policy, PolicyError, load_policy, parse_policy
@@ -89,8 +92,12 @@ class ImagesyncService(oslo_service.Service):
         conf = self.conf
         # A SIGHUP restarts this worker; oslo.service's "mutate" restart only changes
         # mutable options, so read the files again: a reload re-reads config and policy.
-        conf.reload_config_files()
+        reloaded = conf.reload_config_files()
         logsetup.setup(conf.imagesync.log_format, conf.imagesync.log_level)
+        if not reloaded:
+            for problem in getattr(conf, "problems", []):
+                log.error("invalid configuration: keeping the settings in force",
+                          problem=problem)
         os.umask(0o077)
         self.ledger = Ledger(conf.imagesync.ledger_path,
                              max_size_mb=conf.imagesync.ledger_max_size_mb)
@@ -128,7 +135,10 @@ class ImagesyncService(oslo_service.Service):
         self.parts += [self.listener, self.reconciler, self.executor]
         log.info("imagesync started", pid=os.getpid(), dry_run=dry_run,
                  pool=conf.notifications.pool, topic=conf.notifications.topic)
-        systemd.notify("READY=1\nSTATUS=listening to Glance notifications")
+        policy = self.policy.policy
+        digest = hashlib.sha256(policy.text.encode()).hexdigest()[:12]
+        systemd.notify(f"READY=1\nSTATUS=listening to Glance notifications; policy "
+                       f"{policy.source} sha256:{digest} ({len(policy.rules)} rules)")
         interval = systemd.watchdog_interval()
         if interval:
             self.watchdog = systemd.Watchdog(interval, self._alive)
@@ -140,7 +150,7 @@ class ImagesyncService(oslo_service.Service):
         return bool(thread and thread.is_alive())
 
     def stop(self, graceful: bool = False) -> None:
-        systemd.notify("STOPPING=1")
+        systemd.notify("STATUS=worker stopping")
         for part in self.parts:
             try:
                 part.stop()
