@@ -137,8 +137,9 @@ class ImagesyncService(oslo_service.Service):
                  pool=conf.notifications.pool, topic=conf.notifications.topic)
         policy = self.policy.policy
         digest = hashlib.sha256(policy.text.encode()).hexdigest()[:12]
-        systemd.notify(f"READY=1\nSTATUS=listening to Glance notifications; policy "
-                       f"{policy.source} sha256:{digest} ({len(policy.rules)} rules)")
+        systemd.notify(f"READY=1\nSTATUS=worker {os.getpid()} listening to Glance "
+                       f"notifications; policy {policy.source} sha256:{digest} "
+                       f"({len(policy.rules)} rules)")
         interval = systemd.watchdog_interval()
         if interval:
             self.watchdog = systemd.Watchdog(interval, self._alive)

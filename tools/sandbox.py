@@ -26,7 +26,10 @@ import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-APT_PACKAGES = ("rabbitmq-server", "mariadb-server", "libmariadb-dev")
+# systemd, dbus, python3-venv, util-linux, passwd: the real systemd the unit tests boot in
+# namespaces (dbus for `systemd-analyze security`), and the unit's /opt/imagesync venv.
+APT_PACKAGES = ("rabbitmq-server", "mariadb-server", "libmariadb-dev", "systemd", "dbus",
+                "python3-venv", "util-linux", "passwd")
 GLANCE_PIP = ("glance>=33,<34", "uwsgi>=2.0.28", "mysqlclient>=2.2")
 CACHE = Path(os.environ.get("IMAGESYNC_SANDBOX_CACHE", Path.home() / ".cache/imagesync-sandbox"))
 GLANCE_VENV = CACHE / "glance-venv"
@@ -338,6 +341,14 @@ class Sandbox:
             if len(parts) == 3 and parts[1].isdigit():
                 queues[parts[0]] = (int(parts[1]), int(parts[2]))
         return queues
+
+    def consumers(self) -> dict[str, int]:
+        """RabbitMQ queues: name -> consumers attached now."""
+        out = run([RABBIT_BIN / "rabbitmqctl", "list_queues", "-q", "--no-table-headers",
+                   "name", "consumers"],
+                  env=self._rabbit_env(), capture_output=True, text=True, timeout=60)
+        return {p[0]: int(p[1]) for p in (line.split() for line in out.stdout.splitlines())
+                if len(p) == 2 and p[1].isdigit()}
 
     def sql(self, statement: str) -> str:
         """Run SQL in Glance's database as root (tests age locks this way)."""
