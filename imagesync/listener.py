@@ -20,6 +20,7 @@ from oslo_messaging.notify import listener as notify_listener
 
 from imagesync import events
 from imagesync.backoff import compute_backoff
+from imagesync.health import Heartbeat
 from imagesync.ledger import LedgerError
 
 log = structlog.get_logger("imagesync.listener")
@@ -35,7 +36,9 @@ class Endpoint:
                  max_write_tries: int = 6, metrics=None):
         self.ledger, self.on_change, self.clock = ledger, on_change, clock
         self.stopping = threading.Event()
-        self.sleep = sleep or self.stopping.wait
+        # Beaten by every poll (at least every IDLE_POLL s) and while backing off on purpose.
+        self.heartbeat = Heartbeat("listener")
+        self.sleep = sleep or (lambda seconds: self.heartbeat.wait(self.stopping, seconds))
         self.max_write_tries = max_write_tries
         self.metrics = metrics
         self.failures = 0          # consecutive failed ledger writes, shared by all threads
@@ -132,10 +135,11 @@ class _FirstThenBatch:
     so a small batch_timeout makes an idle listener wake 1 / batch_timeout times a second.
     """
 
-    def __init__(self, poll, idle_poll: float):
-        self.poll, self.idle_poll = poll, idle_poll
+    def __init__(self, poll, idle_poll: float, on_poll=lambda: None):
+        self.poll, self.idle_poll, self.on_poll = poll, idle_poll, on_poll
 
     def __call__(self, timeout=None, batch_size=1, batch_timeout=None):
+        self.on_poll()
         first = self.poll(batch_size=1, batch_timeout=self.idle_poll)
         if not first or batch_size <= 1:
             return first
@@ -162,7 +166,8 @@ class Listener:
         if hasattr(driver_listener, "msg_id_cache"):
             driver_listener.msg_id_cache = _NoDuplicateCheck()
         if hasattr(driver_listener, "poll"):
-            driver_listener.poll = _FirstThenBatch(driver_listener.poll, IDLE_POLL)
+            driver_listener.poll = _FirstThenBatch(driver_listener.poll, IDLE_POLL,
+                                                   self.endpoint.heartbeat.beat)
 
     def stop(self) -> None:
         self.endpoint.stopping.set()

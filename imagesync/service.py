@@ -10,6 +10,7 @@ service. Wiring only: the work is done by the modules it starts.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import os
 import threading
@@ -37,6 +38,7 @@ log = structlog.get_logger("imagesync.service")
 
 NO_RULES = "version: 1\nrules: []\n"
 COUNTS_TIMEOUT = 5.0  # seconds a metrics scrape waits for the ledger's copy counts
+LEDGER_PROBE_TIMEOUT = 10.0  # seconds the watchdog waits for the ledger writer to answer
 
 
 def settings_from(conf) -> Settings:
@@ -142,13 +144,38 @@ class ImagesyncService(oslo_service.Service):
                        f"({len(policy.rules)} rules)")
         interval = systemd.watchdog_interval()
         if interval:
-            self.watchdog = systemd.Watchdog(interval, self._alive)
+            self.watchdog = systemd.Watchdog(interval, self.health_checks())
             self.watchdog.start()
             self.parts.insert(0, self.watchdog)
 
-    def _alive(self) -> bool:
-        thread = self.executor.thread
-        return bool(thread and thread.is_alive())
+    def health_checks(self) -> dict:
+        """Each part's liveness, for the watchdog: None when fine, else why not."""
+
+        def thread(part, name):
+            t = getattr(part, "thread", None)
+            return None if t is not None and t.is_alive() else f"the {name} thread has died"
+
+        def heartbeat(hb):
+            age = hb.silent_for()
+            return f"no progress for {age:.0f} s (limit {hb.limit:.0f} s)" if hb.stale() else None
+
+        def ledger_writer():
+            try:  # any answer, even a LedgerError (disk full), shows the writer is alive
+                self.ledger.call(lambda _ops: None, timeout=LEDGER_PROBE_TIMEOUT)
+            except LedgerError:
+                pass
+            except concurrent.futures.TimeoutError:
+                return f"the ledger writer did not answer within {LEDGER_PROBE_TIMEOUT:.0f} s"
+            return None
+
+        checks = {
+            "listener": lambda: heartbeat(self.endpoint.heartbeat),
+            "ledger writer": ledger_writer,
+            "executor": lambda: thread(self.executor, "executor"),
+        }
+        if self.conf.reconcile.interval > 0:  # with 0 it makes one pass and is done
+            checks["reconciler"] = lambda: thread(self.reconciler, "reconciler")
+        return checks
 
     def stop(self, graceful: bool = False) -> None:
         systemd.notify("STATUS=worker stopping")

@@ -12,8 +12,11 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 
+import structlog
+
+log = structlog.get_logger("imagesync.systemd")
 HANDED = "IMAGESYNC_NOTIFY_SOCKET"
 
 
@@ -47,16 +50,41 @@ def watchdog_interval(environ: MutableMapping[str, str] = os.environ) -> float |
 
 
 class Watchdog:
-    """Pings WATCHDOG=1 while `alive()` says the daemon is making progress."""
+    """Pings WATCHDOG=1 only while every part of the daemon says it is healthy.
 
-    def __init__(self, interval: float, alive: Callable[[], bool]):
-        self.interval, self.alive = interval, alive
+    `checks` maps a part's name to a callable that returns None when the part is fine,
+    else why not. A part that turns unhealthy is logged once, with the reason, and
+    WATCHDOG=1 is withheld until it recovers: systemd then kills and restarts the
+    service after WatchdogSec (Result=watchdog), and the log says which part hung.
+    """
+
+    def __init__(self, interval: float, checks: Mapping[str, Callable[[], str | None]]):
+        self.interval, self.checks = interval, dict(checks)
         self.stopping = threading.Event()
+        self.failing: dict[str, str] = {}
         self.thread = threading.Thread(target=self._run, name="imagesync-watchdog", daemon=True)
+
+    def healthy(self) -> bool:
+        failing = {}
+        for name, check in self.checks.items():
+            try:
+                reason = check()
+            except Exception as exc:  # a broken check is an unhealthy part, not a dead watchdog
+                reason = f"health check failed: {type(exc).__name__}: {exc}"
+            if reason:
+                failing[name] = reason
+        for name, reason in failing.items():
+            if name not in self.failing:
+                log.error("part of the daemon is not healthy; withholding WATCHDOG=1",
+                          part=name, reason=reason)
+        for name in self.failing.keys() - failing.keys():
+            log.info("part of the daemon is healthy again", part=name)
+        self.failing = failing
+        return not failing
 
     def _run(self) -> None:
         while not self.stopping.wait(self.interval):
-            if self.alive():
+            if self.healthy():
                 notify("WATCHDOG=1")
 
     def start(self) -> None:

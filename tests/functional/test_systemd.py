@@ -313,3 +313,43 @@ def test_the_unit_says_notify_from_the_worker_restarts_on_failure_and_reaches_an
     # RabbitMQ, Glance and Keystone may be anywhere: no IP address allow list.
     assert "IPAddressDeny" not in found and "IPAddressAllow" not in found
     assert found["RestrictAddressFamilies"] == ["AF_UNIX AF_INET AF_INET6"]
+
+
+def test_a_wedged_ledger_writer_stops_the_pings_and_the_log_names_it(
+        sandbox, tmp_path, notify_path, daemons):
+    import sqlite3
+
+    notify = NotifySocket(notify_path)
+    try:
+        d = Daemon(sandbox, tmp_path / "d", NO_RULES)
+        daemons.append(d)
+        d.start(env={"NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "2000000"})
+        worker = started_events(d)[0]["pid"]
+        wait_for(lambda: len(notify.sent("WATCHDOG=1", worker)) >= 2, timeout=20,
+                 message="pings every second")
+
+        # Another process holds the ledger's write lock (a forgotten sqlite3 shell):
+        # the writer thread waits on it and stops answering.
+        holder = sqlite3.connect(d.ledger_path, timeout=1, isolation_level=None)
+        holder.execute("BEGIN EXCLUSIVE")
+        try:
+            wedged = time.monotonic()
+            failing = wait_for(lambda: [e for e in d.logs() if e.get("part") == "ledger writer"
+                                        and e.get("level") == "error"], timeout=40,
+                               message=f"the watchdog naming the ledger writer:\n{d.tail()}")
+            pings_before = len(notify.sent("WATCHDOG=1", worker))
+            wait_for(lambda: time.monotonic() - wedged > 14, timeout=20, interval=0.5)
+            assert len(notify.sent("WATCHDOG=1", worker)) == pings_before, \
+                "no WATCHDOG=1 while the ledger writer is wedged"
+            assert "did not answer" in failing[0]["reason"]
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+
+        wait_for(lambda: any(e.get("part") == "ledger writer" and e.get("level") == "info"
+                             for e in d.logs()), timeout=40, message="healthy again")
+        resumed = len(notify.sent("WATCHDOG=1", worker))
+        wait_for(lambda: len(notify.sent("WATCHDOG=1", worker)) > resumed, timeout=10,
+                 message="pings again")
+    finally:
+        notify.close()
