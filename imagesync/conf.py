@@ -174,7 +174,7 @@ class Config(cfg.ConfigOpts):
         self.problems: list[str] = []
         self.on_sighup: list[Callable[[], object]] = []
 
-    def __call__(self, args=None, **kw):  # type: ignore[override]
+    def __call__(self, args=None, **kw):
         self._call = (list(args or []), kw)
         return super().__call__(args, **kw)
 

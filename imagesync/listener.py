@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
+from typing import Any
 
 import oslo_messaging
 import structlog
@@ -70,7 +71,7 @@ class Endpoint:
             self.metrics.notifications(len(messages), parsed, self.clock())
         if not parsed:
             return oslo_messaging.NotificationResult.HANDLED
-        for attempt in range(1, self.max_write_tries + 1):
+        for _attempt in range(self.max_write_tries):
             try:
                 self.ledger.note_events(parsed, self.clock())
             except LedgerError as exc:
@@ -162,7 +163,7 @@ class Listener:
 
     def start(self) -> None:
         self.listener.start()
-        driver_listener = getattr(self.listener.listener, "_poll_style_listener", None)
+        driver_listener: Any = getattr(self.listener.listener, "_poll_style_listener", None)
         if hasattr(driver_listener, "msg_id_cache"):
             driver_listener.msg_id_cache = _NoDuplicateCheck()
         if hasattr(driver_listener, "poll"):

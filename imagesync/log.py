@@ -11,6 +11,7 @@ import json
 import logging
 import re
 import sys
+from typing import Any
 
 import structlog
 
@@ -50,7 +51,7 @@ def setup(fmt: str = "auto", level: str = "INFO", stream=None) -> None:
     stream = stream or sys.stdout
     if fmt == "auto":
         fmt = "console" if stream.isatty() else "json"
-    shared = [
+    shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_logger_name,
         structlog.stdlib.add_log_level,

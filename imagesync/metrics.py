@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
@@ -66,7 +67,7 @@ class Metrics:
 
     def __init__(self, counts: Counts | None = None):
         self.registry = CollectorRegistry()
-        self.server = None
+        self.server: Any = None
         r = self.registry
         if counts is not None:
             r.register(CopiesByState(counts))
@@ -173,7 +174,7 @@ class Metrics:
 def bind_address(host: str, port: int) -> str:
     """The numeric address the endpoint binds for `host`, resolved as prometheus-client does."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    return infos[0][4][0]
+    return str(infos[0][4][0])
 
 
 def from_conf(conf, counts: Counts | None = None) -> Metrics | None:
