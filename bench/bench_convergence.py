@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench.common import RUNS, Section, connect, get_sandbox, spread
+
 from daemon import Daemon
 from helpers import upload_image, wait_for
 

@@ -109,7 +109,7 @@ def window(daemon_pids: list[int], seconds: float) -> tuple[dict, dict]:
         sleeper.kill()
         sleeper.wait()
     out = []
-    for b, a in zip(before, after):
+    for b, a in zip(before, after, strict=True):
         elapsed = a["at"] - b["at"]
         per_thread = {tid: (100 * (cpu - b["per_thread"][tid][0]) / elapsed,
                             (n - b["per_thread"][tid][1]) / elapsed)

@@ -13,6 +13,7 @@ from pathlib import Path
 import kombu
 
 from bench.common import LISTENER, RUNS, Section, get_sandbox, spread
+
 from daemon import Daemon
 from helpers import wait_for
 

@@ -15,6 +15,7 @@ import kombu
 
 from bench.bench_ingest import amqp, cleanup
 from bench.common import LISTENER, RUNS, Section, connect, get_sandbox, spread
+
 from daemon import Daemon
 from helpers import upload_image, wait_for
 
@@ -110,7 +111,8 @@ def run() -> Section:
                       "time from its upload returning to imagesync logging `copy-image sent` "
                       "for it, versus the floor: from the same moment to `image.activate` "
                       "reaching a raw kombu consumer (`python bench/bench_reaction.py`). "
-                      "Negative floors: Glance notifies before it answers the upload. Measured in steady "
+                      "Negative floors: Glance notifies before it answers the upload. "
+                      "Measured in steady "
                       "state, after the daemon's start-up reconcile pass.")
     p50, p99, f50, f99 = [], [], [], []
     for _ in range(RUNS):
@@ -120,8 +122,8 @@ def run() -> Section:
         f50.append(percentile(floor, 50) * 1000)
         f99.append(percentile(floor, 99) * 1000)
     cleanup(box.transport_url, d.pool)
-    d50 = sorted(a - b for a, b in zip(p50, f50))[len(p50) // 2]
-    d99 = sorted(a - b for a, b in zip(p99, f99))[len(p99) // 2]
+    d50 = sorted(a - b for a, b in zip(p50, f50, strict=True))[len(p50) // 2]
+    d99 = sorted(a - b for a, b in zip(p99, f99, strict=True))[len(p99) // 2]
     section.row("p50 upload -> copy-image sent (ms)", spread(p50), spread(f50),
                 f"+{d50:.0f} ms", "within 50 ms of the floor")
     section.row("p99 upload -> copy-image sent (ms)", spread(p99), spread(f99),

@@ -18,7 +18,8 @@ import time
 
 from bench.common import ROOT, RUNS
 
-ORDER = ["ingest", "reaction", "convergence", "reconcile", "status", "idle"]
+ORDER = ["ingest", "reaction", "convergence", "imports_per_image", "reconcile", "status",
+         "idle", "ledger_size"]
 
 
 def main(argv: list[str]) -> int:

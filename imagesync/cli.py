@@ -28,19 +28,25 @@ _UUID = re.compile(r"^[0-9a-fA-F]{8}-?([0-9a-fA-F]{4}-?){3}[0-9a-fA-F]{12}$")
 class Env:
     """What commands share: the config files, loaded on first use, and the ways in."""
 
-    def __init__(self, config_files: tuple[str, ...]):
+    def __init__(self, config_files: tuple[str, ...], config_dirs: tuple[str, ...] = ()):
         self.config_files = list(config_files)
+        self.config_dirs = list(config_dirs)
         self._conf = None
 
     @property
     def conf(self):
+        """The options, read as the daemon reads them: the files (default
+        /etc/imagesync/imagesync.conf), then each --config-dir's *.conf files, sorted (by
+        default oslo.config's imagesync.conf.d and imagesync-daemon.conf.d directories)."""
         if self._conf is None:
             from oslo_config import cfg
 
             from imagesync import conf as conf_mod
 
+            argv = [arg for d in self.config_dirs for arg in ("--config-dir", d)]
             try:
-                self._conf = conf_mod.load([], config_files=self.config_files or None)
+                self._conf = conf_mod.load(argv, config_files=self.config_files or None,
+                                           prog="imagesync-daemon")
             except cfg.Error as exc:
                 raise click.ClickException(f"configuration error: {exc}") from exc
         return self._conf
@@ -160,13 +166,18 @@ def _resolve(conn, image: str) -> str | None:
               type=click.Path(exists=True, dir_okay=False),
               help="Read options from this file (repeatable; default "
                    "/etc/imagesync/imagesync.conf when it exists), like the daemon.")
+@click.option("--config-dir", "config_dirs", multiple=True, metavar="DIR",
+              type=click.Path(exists=True, file_okay=False),
+              help="Then read every *.conf file in this directory, in sorted order "
+                   "(repeatable), like the daemon's --config-dir.")
 @click.pass_context
-def main(ctx: click.Context, config_files: tuple[str, ...]) -> None:
+def main(ctx: click.Context, config_files: tuple[str, ...],
+         config_dirs: tuple[str, ...]) -> None:
     """imagesync: keep Glance images in the stores your policy names.
 
     Example: imagesync --config-file /etc/imagesync/imagesync.conf status
     """
-    ctx.obj = Env(config_files)
+    ctx.obj = Env(config_files, config_dirs)
 
 
 # -- status -------------------------------------------------------------------------------
@@ -284,17 +295,21 @@ def _wait(env: Env, request_id: int, timeout: float = 10.0) -> None:
 @main.command(short_help="Queue a retry of failed copies for the daemon.")
 @click.argument("image", required=False)
 @click.option("--all-failed", is_flag=True, help="Retry every failed copy of every image.")
+@click.option("--now", is_flag=True,
+              help="Also bring forward copies waiting to retry (keeping their attempts).")
 @click.option("--wait", is_flag=True, help="Wait (up to 10 s) until the daemon has taken it.")
 @click.pass_obj
-def retry(env: Env, image, all_failed, wait) -> None:
+def retry(env: Env, image, all_failed, now, wait) -> None:
     """Queue a retry of the failed copies of IMAGE (id or name), or of all failed copies.
 
     The daemon sets them back to pending with their attempts reset and copies them again.
+    With --now, copies waiting out a backoff (retrying) are made due at once too.
 
     \b
     Examples:
       imagesync retry 0b8e5d1c-8f1a-4c1e-9a58-3a5b7e3f2c11
       imagesync retry --all-failed --wait
+      imagesync retry --all-failed --now
     """
     from imagesync import ledger
 
@@ -306,16 +321,18 @@ def retry(env: Env, image, all_failed, wait) -> None:
         image_id = _resolve(conn, image)
         if image_id is None:
             raise click.ClickException(f"the ledger has no image {image!r}")
-    failed = ledger.read_copies(conn, image_id=image_id, states=["failed"])
+    failed = ledger.read_copies(conn, image_id=image_id,
+                                states=["failed", "retrying"] if now else ["failed"])
     if not failed:
         click.echo(f"no failed copies of {image}: nothing to retry (imagesync sync {image} "
                    "makes the daemon look at it now)" if image else
                    "no failed copies: nothing to retry")
         return
     what = f"of {image}" if image else f"of {len({c['image_id'] for c in failed})} image(s)"
-    request_id = _queue(env, "retry", image_id)
+    request_id = _queue(env, ledger.RETRY_NOW if now else ledger.RETRY, image_id)
     stores = sorted({c["store"] for c in failed})
-    click.echo(f"queued a retry of {len(failed)} failed cop{'y' if len(failed) == 1 else 'ies'}"
+    click.echo(f"queued a retry of {len(failed)} {'' if now else 'failed '}"
+               f"cop{'y' if len(failed) == 1 else 'ies'}"
                f" {what} ({', '.join(stores)}); {_when_daemon(conn)}")
     if wait:
         _wait(env, request_id)
@@ -390,6 +407,11 @@ def _glance_image(glance, conn, image: str):
     return found
 
 
+def _note_resume(gone: str, marker: str | None, error: str) -> None:
+    click.echo(f"note: image {gone} vanished while Glance listed it ({error}); the listing "
+               f"goes on after {marker or 'the first page'}", err=True)
+
+
 @main.command(short_help="Dry run: missing copies and the bytes to move.")
 @click.argument("images", nargs=-1, metavar="[IMAGE]...")
 @click.option("--project", metavar="ID", help="Only images this project owns.")
@@ -401,8 +423,9 @@ def plan(env: Env, images, project, policy_file, fmt, columns) -> None:
     """Dry run: the copies the policy wants that Glance lacks, with the bytes to move.
 
     Asks the live Glance and the policy, imports nothing. One row per missing copy: the
-    rule that wants it, its size, what the ledger says of it, and useless copies (non-raw
-    to cinder/rbd, read-only stores) marked skip with the reason.
+    rule that wants it, its size, what the ledger says of it, and what the daemon does
+    with it: copy; importing (another import is on it); held (it failed: not copied again
+    until `imagesync retry`); skip (useless: non-raw to cinder/rbd, read-only store).
 
     \b
     Examples:
@@ -413,6 +436,7 @@ def plan(env: Env, images, project, policy_file, fmt, columns) -> None:
     from imagesync import ledger, report
     from imagesync.glance import GlanceError
     from imagesync.log import redact
+    from imagesync.reconcile import every_image, fill_in_stores
 
     glance = env.glance()
     stores = env.stores(glance)
@@ -425,8 +449,9 @@ def plan(env: Env, images, project, policy_file, fmt, columns) -> None:
         else:
             seen: dict = {}
             for hidden in (False, True):
-                for page in glance.list_pages(hidden=hidden):
-                    seen.update((i.id, i) for i in page)
+                for page in every_image(glance, env.conf.reconcile.page_size, hidden,
+                                        _note_resume):
+                    seen.update((i.id, i) for i in fill_in_stores(glance, page, strict=True))
             found = list(seen.values())
     except GlanceError as exc:
         raise click.ClickException(redact(f"Glance: {exc}")) from exc
@@ -551,9 +576,11 @@ def policy_check(env: Env, file: str | None, with_glance: bool) -> None:
 def doctor(env: Env) -> None:
     """Check that imagesync can work here; each check says OK, WARN or FAIL, with a hint.
 
-    Glance reachable, multi-store on, copy-image enabled, credentials allowed to copy,
-    notifications arriving on the pool queue, the policy valid against the live stores,
-    the ledger writable and private. Exit 1 if any check fails. Secrets are masked.
+    Glance reachable, multi-store on, copy-image enabled, credentials allowed to copy
+    (Glance is asked to copy an image to a store it is already in, which it refuses: 400
+    when the credentials may copy, 403 when not; nothing is copied), notifications
+    arriving on the pool queue, the policy valid against the live stores, the ledger
+    writable and private. Exit 1 if any check fails. Secrets are masked.
 
     Example: imagesync --config-file /etc/imagesync/imagesync.conf doctor
     """

@@ -7,7 +7,7 @@ their ConfigOpts here and pass it down.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from oslo_config import cfg
 
@@ -86,6 +86,19 @@ copy_opts = [
     cfg.FloatOpt("lock_expiry", default=3600.0,
                  help="Age (s) after which Glance preempts an import lock whose task is "
                       "processing (Glance: 60 min; 120 min for a pending task)."),
+    cfg.FloatOpt("image_backoff_base", default=2.0, min=0.1,
+                 help="Seconds an image is left alone after Glance gave no real answer about "
+                      "it (429, 401, 403 to a read, 5xx, a dropped connection, a timeout); "
+                      "doubles with each such answer in a row, with jitter. A Retry-After "
+                      "is honoured. No attempt is used."),
+    cfg.FloatOpt("image_backoff_cap", default=300.0, min=0.1,
+                 help="Longest wait of image_backoff_base (a longer Retry-After is cut to "
+                      "it); also caps the pause of all work while Glance or Keystone is down "
+                      "(never above 60 s)."),
+    cfg.FloatOpt("image_request_share", default=0.1, min=0.01, max=1.0,
+                 help="Largest share of glance_requests_per_second that requests about one "
+                      "image may use (with bursts of 10 s worth), so that no image can take "
+                      "the request budget of the others."),
 ]
 
 reconcile_opts = [
@@ -110,12 +123,32 @@ metrics_opts = [
                      "or a proxy in front of it."),
 ]
 
-GROUPS = {
+ledger_opts = [
+    cfg.FloatOpt("keep_deleted_images_days", default=30.0, min=0.0,
+                 help="Days the rows of an image Glance deleted (and all its copies) are "
+                      "kept; also how long an image with nothing left to track stays after "
+                      "Glance last showed it."),
+    cfg.FloatOpt("keep_settled_copies_days", default=30.0, min=0.0,
+                 help="Days done and cancelled copies are kept after they settled. Failed "
+                      "and open copies are kept for as long as their image lives."),
+    cfg.FloatOpt("keep_requests_days", default=30.0, min=0.0,
+                 help="Days a CLI request (retry, sync) is kept after the daemon took it."),
+    cfg.FloatOpt("prune_interval", default=3600.0, min=1.0,
+                 help="Seconds between prunes of the ledger (also one soon after start). "
+                      "Near ledger_max_size_mb it prunes at once, ahead of the retention."),
+    cfg.FloatOpt("split_imports_after", default=300.0, min=0.0,
+                 help="Seconds an image waits for room in every store it needs before its "
+                      "copies go in more than one import (each copy-image import reads the "
+                      "whole image into staging). 0: send to the stores with room at once."),
+]
+
+GROUPS: dict[str, Sequence[cfg.Opt]] = {
     "imagesync": imagesync_opts,
     "notifications": notification_opts,
     "copy": copy_opts,
     "reconcile": reconcile_opts,
     "metrics": metrics_opts,
+    "ledger": ledger_opts,
 }
 
 

@@ -1,9 +1,10 @@
 """`imagesync doctor`: can imagesync work here? One Result per check, each with a fix.
 
-Checks Glance (reachable, multi-store, copy-image, admin), RabbitMQ (the pool queue),
-the ledger (notifications arriving, writable, private) and the policy. Reads only: it
-declares nothing (the queue check is passive) and writes nothing. Results may carry
-URLs: the CLI masks credentials before printing.
+Checks Glance (reachable, multi-store, copy-image, may copy), RabbitMQ (the pool queue),
+the ledger (notifications arriving, writable, private) and the policy. Changes nothing:
+the queue check is passive, and the copy check sends a copy-image request Glance must
+refuse (a store the image is already in). Results may carry URLs: the CLI masks
+credentials before printing.
 """
 
 from __future__ import annotations
@@ -17,6 +18,23 @@ from pathlib import Path
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 BACKLOG = 10_000  # messages waiting in the pool queue before it is worth a warning
+COPY_IMAGE = "copy-image"
+MAY_COPY = "credentials may copy"
+TITLES = ("configuration", "Glance reachable", "multi-store", "copy-image enabled", MAY_COPY,
+          "notification queue", "notifications arriving", "policy valid", "ledger writable")
+
+# -- "credentials may copy": ask Glance the real question ---------------------------------
+# Glance 33's import handler (glance/api/v2/images.py, ImagesController.import_image) checks,
+# in this order: the quota (413), the image (404), its status and formats (409), the
+# copy_image policy (403), the import lock (409; a stale one is broken), the store names
+# (409), and only then whether the image is already in one of the target stores (400 "Image
+# is already present at store ..."). So a copy-image request for a store the image is already in is
+# refused before any task exists: 400 for credentials the policy lets copy, 403 for the rest.
+# Images whose lock is set are never asked about (the lock check could break a stale lock).
+
+PROBE_LISTING = ("/images?limit=20&status=active&visibility=all"
+                 "&sort_key=created_at&sort_dir=asc")  # the oldest images: long settled
+PROBE_TRIES = 3  # images asked about at most (another may be deleted or locked meanwhile)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +78,8 @@ def _connect(conf, factory):
 
 
 def glance_checks(glance, cloud: str) -> tuple[list[Result], set[str] | None]:
-    """Reachable, multi-store with stores, copy-image enabled, admin; and the store ids."""
-    from imagesync.glance import GlanceError, GlanceUnavailable
+    """Reachable, multi-store with stores, copy-image enabled, may copy; and the store ids."""
+    from imagesync.glance import GlanceError
 
     out: list[Result] = []
     try:
@@ -85,37 +103,91 @@ def glance_checks(glance, cloud: str) -> tuple[list[Result], set[str] | None]:
         out.append(Result(FAIL, "multi-store", f"GET /v2/info/stores: {exc}",
                           "enable multi-store: enabled_backends in glance-api.conf "
                           "([DEFAULT] enabled_backends = NAME:TYPE, ...), then restart it"))
-    if "copy-image" in methods:
+    enabled = COPY_IMAGE in methods
+    if enabled:
         out.append(Result(OK, "copy-image enabled", f"import methods {', '.join(methods)}"))
     else:
         out.append(Result(FAIL, "copy-image enabled",
                           f"import methods {', '.join(methods) or 'none'}",
                           "add copy-image to [DEFAULT] enabled_import_methods in "
                           "glance-api.conf"))
-    out.append(admin_check(glance, cloud, GlanceError, GlanceUnavailable))
+    out.append(copy_check(glance, cloud, stores) if enabled else
+               Result(WARN, MAY_COPY, "not checked: copy-image is not enabled",
+                      "enable copy-image, then run doctor again"))
     return out, stores
 
 
-def admin_check(glance, cloud: str, error=None, unavailable=None) -> Result:
-    """The credentials may copy: /v2/info/stores/detail is admin-only, as copy-image is."""
-    if error is None:
-        from imagesync.glance import GlanceError as error
-        from imagesync.glance import GlanceUnavailable as unavailable
-    title = "credentials may copy"
+def copy_check(glance, cloud: str, stores: set[str] | None = None) -> Result:
+    """May these credentials copy? A copy-image request Glance must refuse either way says."""
+    from imagesync.glance import GlanceError, GlanceUnavailable
+    from imagesync.model import Image
+
+    hint = (f"give the user of cloud {cloud} the admin role (Glance's default copy_image "
+            "policy is role:admin), or change Glance's copy_image policy")
     try:
-        glance._json("/info/stores/detail")
-    except unavailable as exc:
-        return Result(WARN, title, f"GET /v2/info/stores/detail: {exc}", "try again")
-    except error as exc:
+        body = glance._json(PROBE_LISTING)
+    except GlanceUnavailable as exc:
+        return Result(WARN, MAY_COPY, f"cannot tell: GET /v2/images: {exc}", "try again")
+    except GlanceError as exc:
         if exc.status == 403:
-            return Result(FAIL, title, "copy-image needs the admin role (GET "
-                                       "/v2/info/stores/detail, admin-only, gave 403)",
-                          f"give the user of cloud {cloud} the admin role, or change "
-                          "Glance's copy_image policy")
-        return Result(WARN, title, f"GET /v2/info/stores/detail: {exc}",
-                      "copy-image needs the admin role by default")
-    return Result(OK, title, "admin-only /v2/info/stores/detail readable (copy-image "
-                             "needs the admin role by default)")
+            return Result(FAIL, MAY_COPY, "copy-image needs the admin role, and these "
+                                          "credentials may not even list images (GET "
+                                          "/v2/images gave 403)", hint)
+        return Result(WARN, MAY_COPY, f"cannot tell: GET /v2/images: {exc}", "try again")
+    images = [Image.from_api(i) for i in body.get("images", []) if i.get("id")]
+    candidates = list(_probe_targets(images, stores))
+    if not candidates:
+        return Result(WARN, MAY_COPY, "cannot tell: these credentials see no active image in "
+                                      "a store to ask Glance about",
+                      "run doctor again once an image exists: it asks Glance to copy an image "
+                      "to a store the image is already in, which Glance refuses with 400 to "
+                      "credentials that may copy and with 403 to the others")
+    last = None
+    for image, store in candidates[:PROBE_TRIES]:
+        try:
+            status, message = glance.copy_image(image.id, [store])
+        except GlanceError as exc:  # no real answer: no connection, 5xx, 401, 429
+            status, message = exc.status, exc.message
+        verdict = copy_verdict(status, message, image.id, store, hint)
+        if verdict is not None:
+            return verdict
+        last = f"HTTP {status}: {message}" if status else message
+    return Result(WARN, MAY_COPY, f"cannot tell: Glance answered {last} (the last of "
+                                  f"{min(len(candidates), PROBE_TRIES)} image(s) asked about)",
+                  "try again")
+
+
+def _probe_targets(images, stores: set[str] | None):
+    """(image, a store it is in) for each active, unlocked image in a store Glance lists."""
+    for image in images:
+        present = image.stores & stores if stores is not None else image.stores
+        if image.status == "active" and not image.import_task and present:
+            yield image, min(present)
+
+
+def copy_verdict(status: int | None, message: str, image_id: str, store: str,
+                 hint: str) -> Result | None:
+    """What Glance's answer to the probe says; None: ask about another image."""
+    asked = f"a copy-image request for image {image_id} to store {store}, which it is in"
+    if status == 400 and "already present" in message:
+        return Result(OK, MAY_COPY, f"Glance's copy_image policy allows it: {asked}, passed "
+                                    "the policy and was refused with 400 'already present' "
+                                    "(nothing copied)")
+    if status == 403:
+        return Result(FAIL, MAY_COPY, f"copy-image needs the admin role: Glance refused {asked}, "
+                                      f"with 403 ({message})", hint)
+    if status == 413:
+        return Result(WARN, MAY_COPY, f"cannot tell: Glance refused {asked}, for quota (413: "
+                                      f"{message}), so every copy is refused too",
+                      "raise the image_size_total limit of the credentials' project")
+    if status == 202:
+        return Result(WARN, MAY_COPY, f"these credentials may copy, but Glance accepted {asked}, "
+                                      "with 202: it imports the image again",
+                      "report it: Glance should refuse a copy to a store the image is in")
+    if status in (404, 409):  # deleted or locked meanwhile, or a store this node lacks
+        return None
+    return Result(WARN, MAY_COPY, f"cannot tell: Glance answered {asked}, with "
+                                  f"{f'HTTP {status}: ' if status else ''}{message}", "try again")
 
 
 def queue_name(conf) -> str:

@@ -1,9 +1,6 @@
-"""The executor: visits images that need a look, sends copy-image imports, tracks them.
-
-One loop thread decides; a small pool does the HTTP, one operation per image at
-a time. Every decision is made by the planner inside the ledger's transaction;
-this module only sequences Glance calls and ledger calls, and logs the outcome.
-It never decides from a notification payload: it always re-reads the image.
+"""The executor: one loop decides which image to look at and which copies to send, and when;
+a pool runs the operations (imagesync.operations), one per image, within each image's request
+discipline, and all work pauses while Glance, Keystone or the ledger is unusable.
 """
 
 from __future__ import annotations
@@ -15,14 +12,22 @@ import time
 
 import structlog
 
-from imagesync import planner
 from imagesync.backoff import compute_backoff
-from imagesync.errors import Action, Kind, classify_import_error
-from imagesync.glance import Glance, GlanceError, GlanceUnavailable
+from imagesync.discipline import IMPORT, LOOK, Discipline
+from imagesync.glance import (
+    CredentialsRejected,
+    Glance,
+    GlanceError,
+    GlanceUnavailable,
+    KeystoneUnavailable,
+)
 from imagesync.ledger import LedgerError
-from imagesync.planner import DONE, Settings
+from imagesync.operations import ImageOperations, describe
+from imagesync.planner import Settings
 
 log = structlog.get_logger("imagesync.executor")
+
+PAUSE_BASE, PAUSE_CAP = 1.0, 60.0   # seconds: all work pauses while Glance or Keystone is down
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,11 +45,14 @@ class PolicyHolder:
         self.policy = policy
 
 
-class Executor:
+class Executor(ImageOperations):
     def __init__(self, ledger, glance: Glance, policy: PolicyHolder, settings: Settings,
                  caps: Caps, dry_run: bool = False, workers: int = 8, clock=time.time,
-                 metrics=None):
+                 metrics=None, discipline: Discipline | None = None):
         self.ledger, self.glance, self.policy = ledger, glance, policy
+        ttl = getattr(glance, "stores_ttl", None)   # blocked copies wait for its next refresh
+        if ttl is not None:
+            settings = dataclasses.replace(settings, store_list_ttl=ttl)
         self.settings, self.caps, self.dry_run, self.clock = settings, caps, dry_run, clock
         self.metrics = metrics
         self.pool = concurrent.futures.ThreadPoolExecutor(workers, "imagesync-worker")
@@ -53,13 +61,19 @@ class Executor:
         self.busy_lock = threading.Lock()
         self.wake = threading.Event()
         self.stopping = threading.Event()
-        self.glance_failures = 0
+        self.glance_failures = 0     # answers about Glance as a whole since its last real one
+        self.failing_images: set[str] = set()   # ... and the images they were about
         self.ledger_failures = 0
         self.visits = self.polls = 0   # Glance GETs to plan, and to track our imports
         self.locks_seen: dict[tuple[str, str], tuple[float, float | None]] = {}
         self.paused_until = 0.0      # Glance or the ledger unusable: no work until then
         self.dispatch_paused_until = 0.0   # 403: no imports until then
         self.thread: threading.Thread | None = None
+        rate = getattr(getattr(glance, "limiter", None), "rate", 20.0)
+        self.discipline = discipline or Discipline(
+            rate, settings.image_request_share, settings.image_backoff_base,
+            settings.image_backoff_cap)
+        self.pause_cap = min(PAUSE_CAP, max(settings.image_backoff_cap, PAUSE_BASE))
 
     # -- lifecycle
 
@@ -107,6 +121,10 @@ class Executor:
         with self.busy_lock:
             return self.workers - len(self.busy)
 
+    def _busy(self) -> set[str]:
+        with self.busy_lock:
+            return set(self.busy)
+
     def _tick(self) -> None:
         now = self.clock()
         for action, image_id, n in self.ledger.process_requests(now):
@@ -114,23 +132,24 @@ class Executor:
         if now < self.paused_until:
             return
         if not self.dry_run and now >= self.dispatch_paused_until and self._free() > 0:
-            with self.busy_lock:
-                busy = set(self.busy)
+            held = self._busy() | self.discipline.held(now)   # no import for those
             claims = self.ledger.claim(now, self.caps.max_imports, self.caps.per_store,
                                        self.caps.max_bytes_in_flight,
-                                       self.caps.max_bytes_per_hour, self._free(), busy,
+                                       self.caps.max_bytes_per_hour, self._free(), held,
                                        self.settings.poll_interval)
             for image_id, stores, size in claims:
-                if not self._submit(image_id, self._import, image_id, stores, size):
+                if not self._submit(image_id, IMPORT, self._import, stores, size):
                     self.ledger.release_claim(image_id, stores, self.clock())
         free = self._free()
         if free > 0:
-            with self.busy_lock:
-                busy = set(self.busy)
-            for image_id in self.ledger.due_images(now, free, busy):
-                self._submit(image_id, self._visit, image_id)
+            for image_id in self.ledger.due_images(now, free, self._busy()):
+                wait = self.discipline.wait(image_id, now)
+                if wait > 0:   # in trouble, or over its share of requests: look later
+                    self.ledger.record_visit_error(image_id, now + wait, now)
+                else:
+                    self._submit(image_id, LOOK, self._visit)
 
-    def _submit(self, image_id: str, fn, *args) -> bool:
+    def _submit(self, image_id: str, kind: str, fn, *args) -> bool:
         with self.busy_lock:
             if image_id in self.busy:
                 return False
@@ -141,22 +160,59 @@ class Executor:
                 self.busy.discard(image_id)
             self.wake.set()
 
-        self.pool.submit(self._guard, fn, *args).add_done_callback(done)
+        self.pool.submit(self._guard, kind, fn, image_id, *args).add_done_callback(done)
         return True
 
-    def _guard(self, fn, *args) -> None:
+    def _guard(self, kind: str, fn, image_id: str, *args) -> None:
+        """Run one operation on one image; whatever goes wrong, the image backs off."""
+        before = self.glance.requests_here()
         try:
-            fn(*args)
+            fn(image_id, *args)
             self.ledger_failures = 0  # every operation ends with a ledger write
-        except GlanceUnavailable as exc:
-            try:
-                self._glance_down(exc, args[0])
-            except LedgerError as ledger_exc:
-                self._ledger_down(ledger_exc)
         except LedgerError as exc:
             self._ledger_down(exc)
-        except Exception:
-            log.exception("operation failed", image_id=args[0], operation=fn.__name__)
+        except Exception as exc:  # GlanceError, or a bug (its traceback logged once)
+            try:
+                delay = self._note_trouble(image_id, exc, kind)
+                self.ledger.record_visit_error(image_id, self.clock() + delay, self.clock())
+            except LedgerError as ledger_exc:
+                self._ledger_down(ledger_exc)
+        finally:
+            self.discipline.spent(image_id, self.clock(), self.glance.requests_here() - before)
+
+    def _note_trouble(self, image_id: str, exc: Exception, kind: str) -> float:
+        """No real answer about this image: the seconds to leave it alone. Logs once when the
+        image enters trouble (and once when it leaves, in _answered), not per request; pauses
+        all work when the answer would be the same for every image."""
+        what = describe(exc)
+        # An answer about Glance as a whole (down, refusing our credentials) pauses all work;
+        # the image's own wait stays within that pause's cap, so it is back soon after Glance.
+        whole = exc if isinstance(exc, (GlanceUnavailable, CredentialsRejected)) else None
+        delay, entered = self.discipline.failed(image_id, self.clock(), what,
+                                                getattr(exc, "retry_after", None), kind,
+                                                cap=self.pause_cap if whole else None)
+        fields = dict(image_id=image_id, request=kind, answer=what, retry_in=round(delay, 1))
+        if not isinstance(exc, GlanceError):
+            fields["exc_info"] = exc   # a bug: its traceback, once
+        if entered:
+            log.warning("image in trouble: not asked about again for a while", **fields)
+        else:
+            log.debug("image still in trouble", **fields)
+        if whole is not None:
+            self._pause(whole, image_id)
+        return delay
+
+    def _answered(self, image_id: str, kind: str) -> None:
+        """A real answer about this image (a success, a 404, a refusal that says something)."""
+        left = self.discipline.succeeded(image_id, kind)
+        if left is not None:
+            log.info("image out of trouble", image_id=image_id, request=kind,
+                     failures=left.failures, seconds=round(self.clock() - left.since, 1),
+                     last_answer=left.last)
+        if self.glance_failures:
+            if len(self.failing_images) > 1:
+                log.info("Glance answers again", failures=self.glance_failures)
+            self.glance_failures, self.failing_images = 0, set()
 
     def _ledger_down(self, exc: LedgerError) -> None:
         """The ledger cannot be written (disk full, read-only): stop working, back off."""
@@ -166,111 +222,20 @@ class Executor:
         log.error("cannot write the ledger; pausing copies", error=str(exc),
                   retry_in=round(delay, 1))
 
-    def _glance_down(self, exc: GlanceError, image_id: str) -> None:
+    def _pause(self, exc: GlanceError, image_id: str) -> None:
+        """Glance or Keystone is down, or refuses our credentials: every image would get the
+        same answer, so no work at all for a growing pause. Said of Glance only once two
+        images got such an answer in a row: one image alone (a 503 for its URL only) has its
+        own backoff, and must not stop the work on the others."""
         self.glance_failures += 1
-        delay = compute_backoff(self.glance_failures, base=1.0, cap=60.0)
-        now = self.clock()
-        self.paused_until = max(self.paused_until, now + delay)
-        self.ledger.record_visit_error(image_id, now + delay, now)
-        log.warning("Glance unavailable; pausing", image_id=image_id, error=str(exc),
-                    retry_in=round(delay, 1))
-
-    # -- one image
-
-    def _visit(self, image_id: str) -> None:
-        image = self.glance.get_image(image_id)
-        self.glance_failures = 0
-        stores = self.glance.stores()
-        desired, skipped = ({}, {}) if image is None else \
-            planner.targets(self.policy.policy, image, stores)
-        visit, before = self.ledger.record_visit(image_id, image, desired, skipped,
-                                                 self.clock(), self.settings)
-        if any(c.state == planner.IN_FLIGHT for c in before.values()):
-            self.polls += 1   # tracking an import of ours, counted apart from planning
-        else:
-            self.visits += 1
-        for store, copy in visit.changes.items():
-            old = before.get(store)
-            if old is None or old.state != copy.state:
-                self._log_change(image_id, store, copy, old)
-        if visit.foreign_lock:
-            self._read_lock_task(image_id, visit.foreign_lock)
-
-    def _read_lock_task(self, image_id: str, task_id: str | None) -> None:
-        """Learn the status and age of the task holding an image's lock, once per lock_poll."""
-        if not task_id:
+        self.failing_images.add(image_id)
+        keystone = isinstance(exc, KeystoneUnavailable) or \
+            (isinstance(exc, CredentialsRejected) and exc.status is None)
+        if len(self.failing_images) < 2 and not keystone:
             return
-        now = self.clock()
-        first_seen, last_read = self.locks_seen.get((image_id, task_id), (now, None))
-        if last_read is not None and now - last_read < self.settings.lock_poll:
-            return
-        if len(self.locks_seen) > 10_000:  # forget locks long gone (bounded memory)
-            self.locks_seen = {k: v for k, v in self.locks_seen.items()
-                               if now - v[0] < 4 * self.settings.lock_expiry}
-        self.locks_seen[(image_id, task_id)] = (first_seen, now)
-        for task in self.glance.image_tasks(image_id):
-            if task["id"] == task_id:
-                self.ledger.record_lock_task(image_id, task_id, task["status"],
-                                             task["updated_at"])
-                log.info("image held by another import", image_id=image_id, task=task_id,
-                         task_status=task["status"])
-                return
-        # Glance has no such task: its API died between taking the lock and saving the task.
-        # Glance breaks such a lock on the next import request, whatever its age. But it takes
-        # the lock a moment before it saves the task: only a lock seen for a while is orphaned.
-        if now - first_seen < self.settings.settle_grace:
-            self.locks_seen[(image_id, task_id)] = (first_seen, None)  # read again next visit
-            return
-        self.ledger.record_lock_task(image_id, task_id, "missing", None)
-        log.warning("image locked by a task Glance does not have", image_id=image_id,
-                    task=task_id)
-
-    def _import(self, image_id: str, stores: list[str], size: int) -> None:
-        log.info("copy-image sent", image_id=image_id, stores=stores, bytes=size)
-        status, message = self.glance.copy_image(image_id, stores)
-        now = self.clock()
-        if status == 202:
-            self.glance_failures = 0
-            self.ledger.record_started(image_id, now + self.settings.poll_interval, now)
-            if self.metrics:
-                self.metrics.import_started(stores)
-            return
-        image = None
-        if status in (400, 409):
-            image = self.glance.get_image(image_id)
-        live = None
-        if status == 409:
-            live = set(self.glance.stores(refresh=True))
-        outcome = classify_import_error(status, message, image, stores, live)
-        changes = self.ledger.record_outcome(image_id, stores, outcome, now, self.settings)
-        if self.metrics:
-            self.metrics.import_failed(outcome.kind.value)
-        level = "error" if outcome.action == Action.BLOCK else "warning"
-        getattr(log, level)("copy-image refused", image_id=image_id, stores=stores,
-                            status=status, kind=outcome.kind.value, reason=outcome.message)
-        if outcome.kind == Kind.FORBIDDEN:
-            self.dispatch_paused_until = now + 300
-        if status is None or (status and status >= 500):
-            self._glance_down(GlanceUnavailable(status, message), image_id)
-        for store, copy in changes.items():
-            self._log_change(image_id, store, copy, None)
-
-    def _log_change(self, image_id: str, store: str, copy, old) -> None:
-        fields = dict(image_id=image_id, store=store, rule=",".join(copy.rules) or None,
-                      state=copy.state)
-        if copy.state == DONE:
-            if old is not None and old.state == planner.IN_FLIGHT:
-                log.info("copy done", attempts=copy.attempts, **fields)
-            else:
-                log.debug("already in store", **fields)
-        elif copy.state in (planner.RETRYING, planner.FAILED):
-            retry_in = round(copy.next_attempt_at - self.clock()) if copy.next_attempt_at else None
-            getattr(log, "error" if copy.state == planner.FAILED else "warning")(
-                "copy failed", attempts=copy.attempts, kind=copy.error_kind,
-                reason=copy.error_message, retry_in=retry_in, **fields)
-        elif copy.state == planner.CANCELLED:
-            log.info("copy cancelled", reason=copy.error_message, **fields)
-        elif copy.state == planner.PENDING and (old is None or old.state != planner.PENDING):
-            log.info("copy planned", **fields)
-        if self.metrics:
-            self.metrics.copy_state(store, copy.state, old.state if old else None)
+        delay = compute_backoff(self.glance_failures, base=PAUSE_BASE, cap=self.pause_cap)
+        self.paused_until = max(self.paused_until, self.clock() + delay)
+        event = ("Keystone unavailable; pausing" if isinstance(exc, KeystoneUnavailable) else
+                 "credentials rejected; pausing" if isinstance(exc, CredentialsRejected) else
+                 "Glance unavailable; pausing")
+        log.warning(event, error=str(exc), retry_in=round(delay, 1))

@@ -1,14 +1,13 @@
-"""The Glance adapter: the only module that uses openstacksdk.
-
-Speaks Glance's v2 API through openstacksdk's session (so clouds.yaml, TLS and
-auth work as operators expect) and returns imagesync's plain data. Never reads
-`locations` (imagesync works with show_multiple_locations = False). Every request
-passes one rate limiter. No decisions here: the planner and errors modules decide.
+"""The Glance adapter, the only openstacksdk user: Glance's v2 API as imagesync's plain data,
+each request rate-limited and sent once (keystoneauth retries only a 401, once, with a new
+token), and every kind of non-answer told apart. Never reads `locations`; decides nothing.
 """
 
 from __future__ import annotations
 
 import datetime
+import email.utils
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -20,19 +19,47 @@ from imagesync.model import Image
 from imagesync.planner import StoreInfo
 
 COPY_IMAGE = "copy-image"
+_TAG = re.compile(r"<[^>]*>")
 
 
 class GlanceError(Exception):
     """Glance answered with an error, or did not answer (status None)."""
 
-    def __init__(self, status: int | None, message: str):
+    def __init__(self, status: int | None, message: str, retry_after: float | None = None):
         super().__init__(f"HTTP {status}: {message}" if status else message)
         self.status = status
         self.message = message
+        self.retry_after = retry_after   # seconds, from a Retry-After header
 
 
 class GlanceUnavailable(GlanceError):
-    """No usable answer: connection refused, timeout, or a 5xx."""
+    """No usable answer: connection refused, timeout, or a 5xx.
+
+    `maybe_sent`: the request may have reached Glance (the connection dropped or timed out
+    after it was sent); False when no connection was made, or for a 5xx."""
+
+    def __init__(self, status: int | None, message: str, retry_after: float | None = None,
+                 maybe_sent: bool = False):
+        super().__init__(status, message, retry_after)
+        self.maybe_sent = maybe_sent
+
+
+class KeystoneUnavailable(GlanceUnavailable):
+    """No token: Keystone did not answer (or answered 5xx). Glance was not asked."""
+
+
+class GlanceMisconfigured(GlanceUnavailable):
+    """The client cannot be set up (clouds.yaml missing, no such cloud, bad auth type):
+    retried like an outage, so that fixing the file and reloading is enough."""
+
+
+class CredentialsRejected(GlanceError):
+    """Keystone refused imagesync's credentials, or Glance answered 401 (keystoneauth had
+    already re-authenticated once and sent the request again, when its plugin can)."""
+
+
+class RateLimited(GlanceError):
+    """429: a load balancer (HAProxy) in front of Glance limits the request rate."""
 
 
 class RateLimiter:
@@ -59,11 +86,49 @@ class RateLimiter:
 def _message(resp) -> str:
     """The human part of a Glance error page (HTML or JSON), shortened."""
     text = (resp.text or "").strip()
-    for tag in ("<br", "</h1>"):
-        if tag in text and "</h1>" in text:
-            text = text.split("</h1>", 1)[1].split("<br", 1)[0].strip()
-            break
+    if "</h1>" in text:   # webob's page (Glance), or a load balancer's (HAProxy)
+        text = _TAG.sub(" ", text.split("</h1>", 1)[1].split("<br", 1)[0])
     return " ".join(text.split())[:300] or resp.reason or ""
+
+
+def _retry_after(resp) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date); None without one."""
+    value = (resp.headers.get("Retry-After") or "").strip()
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)  # noqa: UP017
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+
+
+def _never_connected(exc: BaseException) -> bool:
+    """Did the request fail before a connection was made (so Glance never saw it)?"""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if type(cause).__name__ in ("NewConnectionError", "ConnectTimeoutError",
+                                    "ConnectTimeout", "ConnectionRefusedError"):
+            if type(cause).__module__.startswith(("urllib3", "requests", "builtins")):
+                return True
+        nested = [a for a in getattr(cause, "args", ()) if isinstance(a, BaseException)]
+        reason = getattr(cause, "reason", None)
+        cause = cause.__cause__ or cause.__context__ or \
+            (reason if isinstance(reason, BaseException) else None) or \
+            (nested[0] if nested else None)
+    return False
 
 
 def _epoch(value: str | None) -> float | None:
@@ -81,44 +146,121 @@ def _epoch(value: str | None) -> float | None:
 class Glance:
     """imagesync's view of one Glance endpoint."""
 
-    def __init__(self, conn, rate: float = 20.0, stores_ttl: float = 300.0,
-                 timeout: float = 60.0, clock=time.monotonic):
-        self.conn = conn
-        self.proxy = conn.image
-        if getattr(conn.session, "timeout", None) is None:
-            conn.session.timeout = timeout
+    def __init__(self, conn=None, rate: float = 20.0, stores_ttl: float = 300.0,
+                 timeout: float = 60.0, clock=time.monotonic, connector=None):
+        self._conn, self._connector, self._timeout = None, connector, timeout
+        self._proxy = None
+        if conn is not None:
+            self._use(conn)
         self.limiter = RateLimiter(rate, clock=clock)
         self.stores_ttl, self.clock = stores_ttl, clock
         self._stores: dict[str, StoreInfo] | None = None
         self._stores_at = 0.0
         self.requests = 0  # for metrics and benchmarks
+        self._here = threading.local()   # requests made by the calling thread
 
     @classmethod
-    def connect(cls, cloud: str, clouds_file: str | None = None, **kw) -> Glance:
+    def connect(cls, cloud: str, clouds_file: str | None = None, lazy: bool = False,
+                **kw) -> Glance:
+        """openstacksdk for `cloud`. Eager (the CLI): a clouds.yaml problem raises here.
+        Lazy (the daemon): nothing happens until the first request, and a clouds.yaml
+        problem or an unreachable Glance is then a GlanceUnavailable, retried with backoff
+        like any outage, so the worker never crash-loops on it."""
         import openstack.config
         import openstack.connection
 
-        files = [clouds_file] if clouds_file else None
-        # force_ipv4 only changes how openstacksdk picks a *server's* address; without it,
-        # Connection() asks psutil.net_if_addrs() whether this host has IPv6, which opens an
-        # AF_NETLINK socket that the systemd unit's RestrictAddressFamilies= refuses.
-        region = openstack.config.OpenStackConfig(config_files=files).get_one(
-            cloud, force_ipv4=True)
-        return cls(openstack.connection.Connection(config=region), **kw)
+        def make():
+            files = [clouds_file] if clouds_file else None
+            # force_ipv4 only changes how openstacksdk picks a *server's* address; without
+            # it, Connection() asks psutil.net_if_addrs() whether this host has IPv6, which
+            # opens an AF_NETLINK socket that the unit's RestrictAddressFamilies= refuses.
+            region = openstack.config.OpenStackConfig(config_files=files).get_one(
+                cloud, force_ipv4=True)
+            return openstack.connection.Connection(config=region)
+
+        return cls(connector=make, **kw) if lazy else cls(make(), **kw)
+
+    def _use(self, conn) -> None:
+        if getattr(conn.session, "timeout", None) is None:
+            conn.session.timeout = self._timeout
+        self._conn = conn
+
+    @property
+    def conn(self):
+        if self._conn is None:
+            try:
+                self._use(self._connector())
+            except Exception as exc:  # openstacksdk's config errors have no common base
+                raise GlanceMisconfigured(None, f"cannot set up the Glance client: "
+                                                f"{_first_line(exc)}") from exc
+        return self._conn
+
+    @property
+    def proxy(self):
+        """openstacksdk's image proxy, made on first use: making it asks Glance for its API
+        versions, which must not crash a worker that starts while Glance is down."""
+        if self._proxy is None:
+            try:
+                self._proxy = self.conn.image
+            except ks_exc.ClientException as exc:
+                raise GlanceUnavailable(None, f"Glance unreachable: {_first_line(exc)}",
+                                        maybe_sent=False) from exc
+        return self._proxy
+
+    @proxy.setter
+    def proxy(self, value) -> None:
+        self._proxy = value
 
     # -- transport
 
+    def requests_here(self) -> int:
+        """Requests to Glance the calling thread has made so far (one operation's count is
+        the difference before and after it: a worker runs one operation at a time)."""
+        return getattr(self._here, "count", 0)
+
     def _request(self, method: str, path: str, **kw):
+        """Send one request (no retry of our own or keystoneauth's) and return the answer;
+        raise for a non-answer: no token, no connection, 401, 429, 5xx."""
+        self._authenticate()
         self.limiter.acquire()
         self.requests += 1
+        self._here.count = self.requests_here() + 1
         try:
-            resp = self.proxy.request(path, method, raise_exc=False, **kw)
+            resp = self.proxy.request(path, method, raise_exc=False, connect_retries=0,
+                                      status_code_retries=0, **kw)
         except ks_exc.ClientException as exc:
-            raise GlanceUnavailable(None, f"Glance unreachable: {type(exc).__name__}: "
-                                          f"{str(exc).splitlines()[0][:200]}") from exc
-        if resp.status_code >= 500:
-            raise GlanceUnavailable(resp.status_code, _message(resp))
+            raise GlanceUnavailable(None, f"Glance unreachable: {_first_line(exc)}",
+                                    maybe_sent=not _never_connected(exc)) from exc
+        status = resp.status_code
+        if status == 401:
+            raise CredentialsRejected(401, f"Glance refused imagesync's token: "
+                                           f"{_message(resp)}")
+        if status == 429:
+            raise RateLimited(429, _message(resp), _retry_after(resp))
+        if status >= 500:
+            raise GlanceUnavailable(status, _message(resp), _retry_after(resp))
         return resp
+
+    def _authenticate(self) -> None:
+        """Get a token (keystoneauth reuses a valid one) before asking Glance, so that a
+        Keystone that is down, or refuses the credentials, is told apart from Glance."""
+        session = self.conn.session
+        if getattr(session, "auth", None) is None:
+            return
+        try:
+            session.get_auth_headers()
+        except (ks_exc.ConnectionError, ks_exc.DiscoveryFailure) as exc:
+            raise KeystoneUnavailable(None, f"Keystone unreachable: {_first_line(exc)}") \
+                from exc
+        except ks_exc.HttpError as exc:   # Keystone's HTTP status, said as such
+            if (exc.http_status or 0) >= 500:
+                raise KeystoneUnavailable(None, f"Keystone failed: {_first_line(exc)}") \
+                    from exc
+            raise CredentialsRejected(None, f"Keystone refused imagesync's credentials: "
+                                            f"{_first_line(exc)}") from exc
+        except ks_exc.ClientException as exc:   # no token in the answer, bad auth options
+            raise CredentialsRejected(None, f"cannot authenticate with Keystone: "
+                                            f"{_first_line(exc)}") from exc
 
     def _json(self, path: str, ok=(200,)) -> Any:
         resp = self._request("GET", path)
@@ -148,7 +290,7 @@ class Glance:
         try:
             body = self._json("/info/stores/detail")
         except GlanceError as exc:
-            if isinstance(exc, GlanceUnavailable):
+            if exc.status not in (403, 404):   # only "not for you" falls back to the plain list
                 raise
             body = self._json("/info/stores")
         stores = {}
@@ -182,12 +324,27 @@ class Glance:
 
     # -- the copy
 
-    def copy_image(self, image_id: str, stores: list[str]) -> tuple[int | None, str]:
-        """POST one copy-image import for all `stores`; (status, message), never raises."""
+    def copy_image(self, image_id: str, stores: list[str]) -> tuple[int, str]:
+        """POST one copy-image import for all `stores`: (status, message) of Glance's answer
+        (202, or a refusal that says something: 400, 403, 404, 409, 413). Raises GlanceError
+        when there was no real answer (no connection or no answer: GlanceUnavailable, whose
+        `maybe_sent` says whether Glance may have acted; 5xx; 401; 429)."""
         body = {"method": {"name": COPY_IMAGE}, "stores": list(stores),
                 "all_stores_must_succeed": False}
-        try:
-            resp = self._request("POST", f"/images/{image_id}/import", json=body)
-        except GlanceUnavailable as exc:
-            return exc.status, exc.message
+        resp = self._request("POST", f"/images/{image_id}/import", json=body)
         return resp.status_code, ("" if resp.status_code == 202 else _message(resp))
+
+    # -- reads added for the reconciler's resumable listing
+
+    def image_page(self, marker: str | None, page_size: int = 1000,
+                   hidden: bool = False) -> tuple[list[Image], bool]:
+        """One page of every image (visibility=all) after the image `marker`, and whether
+        Glance says more follow. A marker Glance cannot find any more gives HTTP 400."""
+        path = f"/images?limit={page_size}&visibility=all"
+        if hidden:
+            path += "&os_hidden=true"
+        if marker:
+            path += f"&marker={marker}"
+        body = self._json(path)
+        images = [Image.from_api(i) for i in body.get("images", []) if i.get("id")]
+        return images, bool(body.get("next"))

@@ -25,7 +25,9 @@ from imagesync.planner import DONE, IN_FLIGHT, STATES
 log = structlog.get_logger("imagesync.metrics")
 
 
-Counts = Callable[[], dict[tuple[str, str], int]]  # {(store, state): n}, as Ops.counts_by_store
+# {(store, state): n}, as Ledger.counts_by_store: read over the ledger's read-only
+# connection in the scraping thread, never queued behind the ledger's writer.
+Counts = Callable[[], dict[tuple[str, str], int]]
 
 
 class CopiesByState:
@@ -33,9 +35,10 @@ class CopiesByState:
 
     Read at scrape time rather than kept up to date from hooks, because some state
     changes (a claim into in_flight, a `retry` request) happen inside the ledger
-    without a hook. Every store that has any copy gets all the states, 0 when it has
-    none in one, so dashboards see zeros rather than missing series. When the ledger
-    cannot answer in time the family is left out of that scrape (absent, never stale).
+    without a hook; the read takes a read-only connection, never the writer's time.
+    Every store that has any copy gets all the states, 0 when it has none in one, so
+    dashboards see zeros rather than missing series. When the ledger cannot answer in
+    time the family is left out of that scrape (absent, never stale).
     """
 
     NAME = "imagesync_copies"

@@ -21,6 +21,9 @@ OPEN = frozenset({PENDING, RETRYING})            # waiting to be sent
 CLONE_ONLY_TYPES = frozenset({"cinder", "rbd"})  # useless targets for non-raw images
 MIN_POLL = 0.2  # seconds: the soonest an import of ours is polled again
 GONE_STATUSES = frozenset({"deleted", "pending_delete", "killed"})
+CUT_OFF = "the import was cut off: its task died with its glance-api (no attempt used)"
+BLOCKED = "blocked; tried again after the next store-list refresh"
+MIN_BLOCKED = 10.0  # seconds a blocked copy waits at least (a store list cached for 0 s)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +75,12 @@ class Settings:
     settle_grace: float = 10.0   # how long an import may show no lock before we judge it
     lock_poll: float = 60.0      # how often to re-check an image locked by another import
     lock_expiry: float = 3600.0  # Glance preempts a lock whose task is older than this
+    store_list_ttl: float = 300.0  # a copy blocked on a store Glance lacks waits this long
+    #                                (the executor sets it to its Glance's store cache TTL)
+    # Request discipline per image (imagesync.discipline), read by the executor:
+    image_backoff_base: float = 2.0    # first wait after an answer that is not a real one
+    image_backoff_cap: float = 300.0   # longest such wait (a Retry-After is capped to it)
+    image_request_share: float = 0.1   # of glance_requests_per_second, for any one image
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,8 +132,9 @@ def _failure(copy: Copy, kind: Kind, message: str, status: int | None, now: floa
 
 
 def _resolve_import(image: Image, copies: dict[str, Copy], track: Tracking, now: float,
-                    s: Settings) -> dict[str, Copy]:
-    """The import is over (no lock): each in-flight copy is done or failed, by `stores`."""
+                    s: Settings, cut_off: bool = False) -> dict[str, Copy]:
+    """The import is over: each in-flight copy is done or failed, by `stores`. `cut_off`: its
+    task died with its glance-api (lock stale): that says nothing about the copy itself."""
     out = {}
     recent_error = track.upload_error_at is not None and track.import_started_at is not None \
         and track.upload_error_at >= track.import_started_at - 1
@@ -137,6 +147,10 @@ def _resolve_import(image: Image, copies: dict[str, Copy], track: Tracking, now:
             # The daemon stopped between recording and finishing: maybe never sent.
             out[store] = _set(copy, state=PENDING, attempts=max(copy.attempts - 1, 0),
                               next_attempt_at=None)
+        elif cut_off and store not in image.failed_import:
+            out[store] = _set(copy, state=PENDING, attempts=max(copy.attempts - 1, 0),
+                              next_attempt_at=None, error_kind=Kind.TRANSIENT.value,
+                              error_status=None, error_message=CUT_OFF)
         elif recent_error and track.upload_error_quota:
             out[store] = _failure(copy, Kind.QUOTA, track.upload_error or "over quota", None,
                                   now, s, delay=s.quota_retry_delay)
@@ -153,11 +167,12 @@ def plan_visit(image: Image | None, copies: Mapping[str, Copy], desired, skipped
                track: Tracking, now: float, s: Settings) -> Visit:
     """Compare a fresh GET of the image with the ledger's copies; say what changes."""
     copies = dict(copies)
-    if image is None or image.status in GONE_STATUSES:
-        changes = {st: _set(c, state=CANCELLED, next_attempt_at=None, error_kind=Kind.GONE.value,
-                            error_message="image is gone", finished_at=now)
-                   for st, c in copies.items() if c.state not in (DONE, CANCELLED, FAILED)}
-        return Visit(changes, deleted=True, import_over=True)
+    if image is None or image.status in GONE_STATUSES:   # failed copies too: alerts clear
+        return Visit({st: _set(c, state=CANCELLED, next_attempt_at=None,
+                               error_kind=Kind.GONE.value, error_message="image is gone",
+                               finished_at=now)
+                      for st, c in copies.items() if c.state not in (DONE, CANCELLED)},
+                     deleted=True, import_over=True)
 
     changes: dict[str, Copy] = {}
     in_flight = {st for st, c in copies.items() if c.state == IN_FLIGHT}
@@ -176,6 +191,7 @@ def plan_visit(image: Image | None, copies: Mapping[str, Copy], desired, skipped
         # then holds it until it expires): our import is over all the same.
         finished = track.lock_task == image.import_task and \
             track.lock_task_status in ("success", "failure")
+        cut_off = dead and not finished
         dead = dead or (bool(image.import_task) and finished)
         if (image.import_task and not dead) or (
                 not settled and not track.saw_lock and young and not track.recovering):
@@ -185,7 +201,7 @@ def plan_visit(image: Image | None, copies: Mapping[str, Copy], desired, skipped
                 watch = image.import_task      # a long import: learn its task's age
                 own_waiting = _describe_lock(image, track, now, s)[0]
         else:
-            changes.update(_resolve_import(image, copies, track, now, s))
+            changes.update(_resolve_import(image, copies, track, now, s, cut_off))
             import_over = True
             copies.update(changes)
             in_flight = set()
@@ -202,10 +218,14 @@ def plan_visit(image: Image | None, copies: Mapping[str, Copy], desired, skipped
         if store in image.stores:
             if copy.state != DONE and copy.state != IN_FLIGHT:
                 new = _done(new, now)
-        elif copy.state in (DONE, CANCELLED):
-            # New, made unwanted earlier, or removed from the store since: copy it (again).
+        elif copy.state == DONE:
+            # Removed from the store since it was copied: a new copy, from 0 attempts.
             new = _set(new, state=PENDING, attempts=0, next_attempt_at=None, error_kind=None,
                        error_status=None, error_message=None, finished_at=None)
+        elif copy.state == CANCELLED:
+            new = _wanted_again(new, s)
+        elif _blocked(copy) and (copy.next_attempt_at or 0) <= now:
+            new = _set(new, state=RETRYING, next_attempt_at=None)   # one more try
         if new != copies.get(store):
             changes[store] = new
     for store, (rules, reason) in skipped.items():
@@ -216,7 +236,8 @@ def plan_visit(image: Image | None, copies: Mapping[str, Copy], desired, skipped
             if new != copies.get(store):
                 changes[store] = new
     for store, copy in copies.items():
-        if store not in desired and store not in skipped and copy.state in OPEN:
+        if store not in desired and store not in skipped and (copy.state in OPEN or
+                                                              copy.state == FAILED):
             changes[store] = _set(copy, state=CANCELLED, next_attempt_at=None,
                                   error_kind=Kind.NOT_WANTED.value,
                                   error_message="no rule wants this store any more")
@@ -232,11 +253,30 @@ def plan_visit(image: Image | None, copies: Mapping[str, Copy], desired, skipped
         if open_copies and not lock_stale:
             look_at = _earliest(look_at, now + s.lock_poll)
     if waiting is None and open_copies:
-        due = [c.next_attempt_at for c in open_copies]
-        if all(t is not None and t > now for t in due):
+        due = [c.next_attempt_at for c in open_copies if c.next_attempt_at is not None]
+        if len(due) == len(open_copies) and all(t > now for t in due):
             look_at = _earliest(look_at, min(due))   # re-read the image before the retry
+    blocked = [c.next_attempt_at or 0 for st, c in copies.items()
+               if _blocked(c) and st in desired and (c.next_attempt_at or 0) > now]
+    if blocked:
+        look_at = _earliest(look_at, min(blocked))
     return Visit(changes, look_at, waiting, import_over, lock_stale=lock_stale,
                  foreign_lock=foreign)
+
+
+def _blocked(copy: Copy) -> bool:
+    """Failed because Glance (or one of its API nodes) lacks the store: tried again later."""
+    return copy.state == FAILED and copy.error_kind == Kind.UNKNOWN_STORE.value and \
+        copy.next_attempt_at is not None
+
+
+def _wanted_again(copy: Copy, s: Settings) -> Copy:
+    """A cancelled copy wanted again resumes its history: the attempts it used still count
+    (so a policy that drops and re-adds a store cannot retry a failing copy forever), but it
+    gets at least one more try. The cancellation's reason is cleared."""
+    return _set(copy, state=PENDING, attempts=min(copy.attempts, s.max_attempts - 1),
+                next_attempt_at=None, error_kind=None, error_status=None, error_message=None,
+                finished_at=None)
 
 
 def _describe_lock(image: Image, track: Tracking, now: float, s: Settings):
@@ -279,6 +319,12 @@ def apply_outcome(copies: Mapping[str, Copy], targets_: frozenset[str], outcome:
                       next_attempt_at=None, **fields)
         if store in outcome.done:
             changes[store] = _done(copy, now)
+        elif outcome.blamed is not None and store not in outcome.blamed:
+            changes[store] = _set(copy, state=PENDING, attempts=max(copy.attempts - 1, 0),
+                                  next_attempt_at=None)   # not its fault: sent again next
+        elif outcome.action == Action.BACKOFF:
+            changes[store] = _set(refund, state=RETRYING,
+                                  next_attempt_at=now + _backoff_delay(outcome, s))
         elif outcome.action in (Action.REPLAN, Action.PAUSE):
             changes[store] = refund
         elif outcome.action == Action.WAIT:
@@ -290,10 +336,7 @@ def apply_outcome(copies: Mapping[str, Copy], targets_: frozenset[str], outcome:
             changes[store] = _set(copy, state=FAILED, next_attempt_at=None, finished_at=now,
                                   **fields)
         elif outcome.kind == Kind.UNKNOWN_STORE:
-            capped = _set(copy, attempts=max(copy.attempts, s.max_attempts) if
-                          copy.attempts >= s.unknown_store_tries else copy.attempts)
-            changes[store] = _failure(capped, outcome.kind, outcome.message, outcome.status,
-                                      now, s, delay=s.poll_interval * 30)
+            changes[store] = _unknown_store(copy, outcome, now, s)
         elif outcome.kind == Kind.QUOTA:
             changes[store] = _failure(copy, outcome.kind, outcome.message, outcome.status, now,
                                       s, delay=s.quota_retry_delay)
@@ -304,4 +347,26 @@ def apply_outcome(copies: Mapping[str, Copy], targets_: frozenset[str], outcome:
         look_at = now
     elif outcome.action == Action.WAIT:
         look_at = now + s.poll_interval * 5
+    elif outcome.action == Action.BACKOFF:
+        look_at = now + _backoff_delay(outcome, s)   # re-read the image before the next try
+    for copy in changes.values():
+        if _blocked(copy):   # the look that gives it one more try
+            look_at = _earliest(look_at, copy.next_attempt_at)
     return changes, look_at
+
+
+def _backoff_delay(outcome: Outcome, s: Settings) -> float:
+    return outcome.delay if outcome.delay is not None else s.image_backoff_base
+
+
+def _unknown_store(copy: Copy, outcome: Outcome, now: float, s: Settings) -> Copy:
+    """A few tries with backoff; then blocked (failed, with the reason) until the store list
+    is next refreshed, when plan_visit gives it one more try."""
+    if copy.attempts < min(s.unknown_store_tries, s.max_attempts):
+        return _set(copy, state=RETRYING, next_attempt_at=now + s.backoff(copy.attempts),
+                    error_kind=outcome.kind.value, error_status=outcome.status,
+                    error_message=outcome.message)
+    wait = max(s.store_list_ttl, MIN_BLOCKED)
+    return _set(copy, state=FAILED, next_attempt_at=now + wait, finished_at=now,
+                error_kind=outcome.kind.value, error_status=outcome.status,
+                error_message=f"{outcome.message}; {BLOCKED}")

@@ -163,11 +163,27 @@ RULE_COLUMNS = (Column("rule"), Column("matched", "bool"), Column("stores", "lis
                 Column("reason"))
 
 
+PLAN_ACTIONS = {
+    "copy": "the daemon copies it (now, or after a retry's backoff)",
+    "importing": "another import is copying it there now",
+    "held": "it failed: the daemon does not copy it again until `imagesync retry`",
+    "skip": "a useless copy: read-only store, or non-raw image to cinder/rbd",
+}
+HELD_REASON = "failed: not copied again until `imagesync retry`"
+
+
+def _wanted_action(store: str, busy: frozenset, ledger_state: str | None) -> str:
+    if store in busy:
+        return "importing"
+    return "held" if ledger_state == planner.FAILED else "copy"
+
+
 def plan_rows(image, stores, policy, ledger_states: dict) -> list[dict]:
     """What the daemon would do for one image now: a row per store it lacks.
 
-    action: copy (bytes = the image's size), importing (another import is copying it
-    there now), or skip (a useless copy: read-only store, non-raw image to cinder/rbd).
+    action (PLAN_ACTIONS): copy (bytes = the image's size), importing (another import is
+    copying it there now), held (the ledger says failed: nothing happens until `imagesync
+    retry`), or skip (a useless copy: read-only store, non-raw image to cinder/rbd).
     """
     if image.status != "active":
         return []
@@ -177,10 +193,12 @@ def plan_rows(image, stores, policy, ledger_states: dict) -> list[dict]:
     base = {"image_id": image.id, "name": image.name, "project": image.owner}
     for store, rules in sorted(desired.items()):
         if store not in image.stores:
-            action = "importing" if store in busy else "copy"
+            state = ledger_states.get((image.id, store))
+            action = _wanted_action(store, busy, state)
             rows.append({**base, "store": store, "action": action,
                          "bytes": image.size if action == "copy" else None, "rules": rules,
-                         "ledger": ledger_states.get((image.id, store)), "reason": None})
+                         "ledger": state,
+                         "reason": HELD_REASON if action == "held" else None})
     for store, (rules, reason) in sorted(skipped.items()):
         if store not in image.stores:
             rows.append({**base, "store": store, "action": "skip", "bytes": None,
@@ -198,7 +216,8 @@ def plan_totals(rows: Sequence[dict], checked: int, inactive: int) -> dict:
             "copies": len(copies), "images": len({r["image_id"] for r in copies}),
             "bytes": sum(per_store.values()), "bytes_per_store": dict(sorted(per_store.items())),
             "skipped": sum(r["action"] == "skip" for r in rows),
-            "importing": sum(r["action"] == "importing" for r in rows)}
+            "importing": sum(r["action"] == "importing" for r in rows),
+            "held": sum(r["action"] == "held" for r in rows)}
 
 
 def plan_text(t: dict) -> str:
@@ -206,6 +225,8 @@ def plan_text(t: dict) -> str:
         stores = ", ".join(f"{s} {size(b)}" for s, b in t["bytes_per_store"].items())
         head = (f"would copy {t['copies']} cop{'y' if t['copies'] == 1 else 'ies'} of "
                 f"{t['images']} image(s): {size(t['bytes'])} in total ({stores})")
+    elif t["held"] or t["importing"]:
+        head = "nothing to copy now"
     else:
         head = "nothing to copy: every image is where the policy wants it"
     extra = [f"{t['images_checked']} image(s) checked"]
@@ -213,6 +234,8 @@ def plan_text(t: dict) -> str:
         extra.append(f"{t['images_not_active']} not active (only active images are copied)")
     if t["importing"]:
         extra.append(f"{t['importing']} copy(ies) being imported now")
+    if t["held"]:
+        extra.append(f"{t['held']} failed copy(ies) held until `imagesync retry`")
     if t["skipped"]:
         extra.append(f"{t['skipped']} useless copy(ies) skipped (see reason)")
     return head + "; " + "; ".join(extra)

@@ -27,8 +27,8 @@ from imagesync import metrics as metrics_mod
 from imagesync import systemd
 from imagesync.backoff import compute_backoff
 from imagesync.executor import Caps, Executor, PolicyHolder
-from imagesync.glance import Glance, GlanceError
-from imagesync.ledger import Ledger, LedgerError, Ops
+from imagesync.glance import Glance, GlanceError, GlanceMisconfigured
+from imagesync.ledger import Ledger, LedgerError
 from imagesync.listener import Endpoint, Listener
 from imagesync.planner import Settings
 from imagesync.policy import Policy, PolicyError, load_policy, parse_policy
@@ -37,7 +37,6 @@ from imagesync.reconcile import Reconciler
 log = structlog.get_logger("imagesync.service")
 
 NO_RULES = "version: 1\nrules: []\n"
-COUNTS_TIMEOUT = 5.0  # seconds a metrics scrape waits for the ledger's copy counts
 LEDGER_PROBE_TIMEOUT = 10.0  # seconds the watchdog waits for the ledger writer to answer
 
 
@@ -48,7 +47,9 @@ def settings_from(conf) -> Settings:
         backoff=lambda attempt: compute_backoff(attempt, base=c.backoff_base, cap=c.backoff_cap),
         quota_retry_delay=c.quota_retry_delay, unknown_store_tries=c.unknown_store_tries,
         poll_interval=c.poll_interval, lock_expiry=c.lock_expiry,
-        lock_poll=c.lock_poll_interval, settle_grace=c.settle_grace)
+        lock_poll=c.lock_poll_interval, settle_grace=c.settle_grace,
+        image_backoff_base=c.image_backoff_base, image_backoff_cap=c.image_backoff_cap,
+        image_request_share=c.image_request_share)
 
 
 def caps_from(conf) -> Caps:
@@ -101,17 +102,20 @@ class ImagesyncService(oslo_service.Service):
                 log.error("invalid configuration: keeping the settings in force",
                           problem=problem)
         os.umask(0o077)
-        self.ledger = Ledger(conf.imagesync.ledger_path,
-                             max_size_mb=conf.imagesync.ledger_max_size_mb)
+        self.ledger = Ledger.from_conf(conf)
         try:
             self.ledger.daemon_started(os.getpid(), time.time())
         except LedgerError as exc:
             log.error("cannot write the ledger", error=str(exc))
         self.glance = Glance.connect(conf.imagesync.cloud, conf.imagesync.clouds_file,
-                                     rate=conf.copy.glance_requests_per_second,
+                                     lazy=True, rate=conf.copy.glance_requests_per_second,
                                      stores_ttl=conf.reconcile.stores_cache_ttl)
         try:
             known = set(self.glance.stores())
+        except GlanceMisconfigured as exc:
+            log.error("cannot set up the Glance client; fix clouds.yaml or [imagesync] cloud, "
+                      "then reload", error=str(exc), cloud=conf.imagesync.cloud)
+            known = None
         except GlanceError as exc:
             log.warning("Glance unreachable at start", error=str(exc))
             known = None
@@ -119,7 +123,7 @@ class ImagesyncService(oslo_service.Service):
         dry_run = conf.imagesync.dry_run
         ledger = self.ledger
         self.metrics = metrics_mod.from_conf(
-            conf, counts=lambda: ledger.call(Ops.counts_by_store, timeout=COUNTS_TIMEOUT))
+            conf, counts=ledger.counts_by_store)  # a read-only connection, off the writer
         if self.metrics:
             self.parts.append(self.metrics)
         self.executor = Executor(self.ledger, self.glance, self.policy, settings_from(conf),

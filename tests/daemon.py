@@ -74,7 +74,8 @@ class Daemon:
         RUNNING.add(self)
         if wait:
             wait_for(lambda: self.proc.poll() is not None or
-                     any(e.get("event") == "imagesync started" for e in self.logs(since_start=True)),
+                     any(e.get("event") == "imagesync started"
+                         for e in self.logs(since_start=True)),
                      timeout=60, message="the daemon to start")
             assert self.proc.poll() is None, f"daemon exited {self.proc.returncode}:\n{self.tail()}"
         return self
@@ -91,7 +92,8 @@ class Daemon:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise AssertionError(f"daemon ignored SIGTERM for {timeout}s:\n{self.tail()}")
+            raise AssertionError(
+                f"daemon ignored SIGTERM for {timeout}s:\n{self.tail()}") from None
 
     def kill(self) -> None:
         """SIGKILL the daemon's whole process group, parent and child, at once."""

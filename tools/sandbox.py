@@ -86,7 +86,8 @@ def wait_for(what: str, check, timeout: float, logfile: Path | None = None, proc
     tail = ""
     if logfile and logfile.exists():
         tail = "\n".join(logfile.read_text(errors="replace").splitlines()[-40:])
-    state = "exited" if proc is not None and proc.poll() is not None else f"not ready after {timeout:.0f}s"
+    exited = proc is not None and proc.poll() is not None
+    state = "exited" if exited else f"not ready after {timeout:.0f}s"
     raise SandboxError(f"{what} {state}; end of {logfile}:\n{tail}")
 
 
@@ -110,7 +111,7 @@ def stop_pid(pid: int | None, name: str, timeout: float = 20.0) -> None:
     if not pid_alive(pid):
         return
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for target in (lambda: os.killpg(pid, sig), lambda: os.kill(pid, sig)):
+        for target in (lambda s=sig: os.killpg(pid, s), lambda s=sig: os.kill(pid, s)):
             try:
                 target()
             except (ProcessLookupError, PermissionError):
@@ -156,7 +157,8 @@ class Sandbox:
     def __init__(self, directory: Path | str = DEFAULT_DIR):
         self.dir = Path(directory).resolve()
         self.state_file = self.dir / "sandbox.json"
-        self.state: dict = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
+        self.state: dict = (json.loads(self.state_file.read_text())
+                            if self.state_file.exists() else {})
 
     # -- public
 
@@ -262,7 +264,8 @@ class Sandbox:
         if "rabbit" not in self.state:
             port = free_port()
             self.state["rabbit"] = {"port": port, "dist_port": free_port(),
-                                    "epmd_port": free_port(), "nodename": f"imagesync{port}@localhost"}
+                                    "epmd_port": free_port(),
+                                    "nodename": f"imagesync{port}@localhost"}
         (base / "enabled_plugins").write_text("[].\n")
         (base / "rabbitmq.conf").write_text(
             "loopback_users.guest = true\n"
@@ -280,7 +283,8 @@ class Sandbox:
                    env=env, check=False, capture_output=True, timeout=150)
         if done.returncode != 0 or proc.poll() is not None:
             wait_for("RabbitMQ", lambda: False, 0, logfile, proc)
-        wait_for("RabbitMQ port", lambda: port_open(self.state["rabbit"]["port"]), 30, logfile, proc)
+        wait_for("RabbitMQ port", lambda: port_open(self.state["rabbit"]["port"]), 30, logfile,
+                 proc)
 
     def _epmd_pid(self, epmd_port: int) -> int | None:
         for proc in Path("/proc").glob("[0-9]*"):
@@ -289,7 +293,8 @@ class Sandbox:
                 environ = (proc / "environ").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if cmd and cmd[0].endswith(b"epmd") and f"ERL_EPMD_PORT={epmd_port}".encode() in environ:
+            wanted = f"ERL_EPMD_PORT={epmd_port}".encode()
+            if cmd and cmd[0].endswith(b"epmd") and wanted in environ:
                 return int(proc.name)
         return None
 
@@ -314,7 +319,8 @@ class Sandbox:
         fresh = not (base / "data" / "mysql").exists()
         if fresh:
             run(["mariadb-install-db", f"--defaults-file={cnf}", "--user=root",
-                 f"--datadir={base}/data", "--skip-test-db", "--auth-root-authentication-method=socket"],
+                 f"--datadir={base}/data", "--skip-test-db",
+                 "--auth-root-authentication-method=socket"],
                 capture_output=True)
         logfile = self.dir / "log" / "mariadb.log"
         proc = subprocess.Popen(["/usr/sbin/mariadbd", f"--defaults-file={cnf}"],
@@ -355,6 +361,17 @@ class Sandbox:
         out = run(["mariadb", f"--defaults-file={self.dir}/mariadb/my.cnf", "-uroot", "-N",
                    "-B", "glance", "-e", statement], capture_output=True, text=True)
         return out.stdout
+
+    def make_legacy(self, image_id: str) -> int:
+        """Make an image look uploaded before multi-store, as upgraded clouds have them: its
+        locations lose their store id (image_locations.meta_data '{}'), so listings show no
+        `stores` until a GET of the image fills the id in again. Returns the locations changed."""
+        import uuid
+
+        image_id = str(uuid.UUID(image_id))  # only an image id ever reaches the SQL
+        out = self.sql(f"UPDATE image_locations SET meta_data = '{{}}' WHERE image_id = "
+                       f"'{image_id}' AND deleted = 0; SELECT ROW_COUNT();")
+        return int(out.split()[-1])
 
     # -- Glance
 
@@ -400,7 +417,8 @@ class Sandbox:
         paste += ("\n[composite:glance-api-sandbox]\n"
                   "paste.composite_factory = glance.api:root_app_factory\n"
                   "/: api\n/healthcheck: healthcheck\n")
-        paste += "\n[filter:sandboxidentity]\npaste.filter_factory = sandbox_identity:filter_factory\n"
+        paste += ("\n[filter:sandboxidentity]\n"
+                  "paste.filter_factory = sandbox_identity:filter_factory\n")
         (etc / "glance-api-paste.ini").write_text(paste)
         (etc / "glance-api.conf").write_text(self._glance_conf())
         if not self.state["glance"].get("db_synced"):
@@ -430,7 +448,8 @@ class Sandbox:
 
         def ready() -> bool:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/info/stores", timeout=5) as r:
+                url = f"http://127.0.0.1:{port}/v2/info/stores"
+                with urllib.request.urlopen(url, timeout=5) as r:
                     return r.status == 200
             except OSError:
                 return False

@@ -2,8 +2,9 @@
 
 The CLI always runs as its own process (`python -m imagesync.cli --config-file ...`), as
 an operator runs it. Each test owns a name prefix and a pool queue, so its policy only
-ever matches its own images. `doctor`'s admin check runs here with a member's token (the
-sandbox's identity filter reads one from clouds.yaml); tests/unit fakes its other branches.
+ever matches its own images. `doctor`'s copy check runs here with a member's token (the
+sandbox's identity filter reads one from clouds.yaml), and in test_doctor.py with an admin
+and a service role; tests/unit fakes its other branches.
 """
 
 from __future__ import annotations
@@ -183,9 +184,11 @@ def test_doctor_on_the_sandbox_with_the_daemon_running_reports_every_check_ok(
 
 
 def test_doctor_says_copy_image_needs_the_admin_role_for_member_credentials(
-        sandbox, daemon, prefix, tmp_path):
+        sandbox, admin_conn, daemon, prefix, tmp_path):
     # The sandbox's identity filter reads a token sandbox:PROJECT:ROLES:ANYTHING (auth_type
     # admin_token), so a clouds.yaml can name a plain member; the last part is a secret.
+    # doctor asks Glance to copy an image the member can see: a public one.
+    upload_image(admin_conn, 1024, name=f"{prefix}-public", visibility="public")
     secret = uuid.uuid4().hex
     clouds = tmp_path / "member-clouds.yaml"
     url = sandbox.glance_url

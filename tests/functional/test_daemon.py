@@ -6,8 +6,8 @@ import signal
 import subprocess
 import threading
 
-
 from conftest import OTHER_PROJECT
+
 from daemon import import_requests
 from helpers import import_settled, stores_of, upload_image, wait_for
 

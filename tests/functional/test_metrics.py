@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+
 from daemon import Daemon
 from helpers import upload_image, wait_for
 

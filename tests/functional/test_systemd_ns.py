@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from systemd_ns import (
     NsSystemd,
     add_system_user,

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import kombu
 import pytest
+
 from daemon import Daemon, import_requests
 from helpers import stores_of, upload_image, wait_for
 
@@ -276,7 +277,7 @@ class Fuzz:
                  "unknown_event": 8, "odd_ids": 12, "nested": 6, "deep_json": 1,
                  "non_json_body": 6, "non_dict_message": 5, "no_envelope": 10,
                  "code_execution": 0.3}
-        names, weights = zip(*kinds.items())
+        names, weights = zip(*kinds.items(), strict=True)
         huge_at = set(self.rng.sample(range(n), huge))
         out = []
         for i in range(n):

@@ -9,9 +9,9 @@ import uuid
 
 import oslo_messaging
 import pytest
+from conftest import _connect
 from oslo_config import cfg
 
-from conftest import _connect
 from daemon import Daemon
 from helpers import stores_of, upload_image, wait_for
 

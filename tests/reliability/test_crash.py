@@ -61,7 +61,7 @@ rules:
         "(SELECT id FROM images WHERE name LIKE ?)", f"{prefix}-%"))
     command = "tox -e reliability -- -k sigkill_at_random"
     figures("crash", "SIGKILLs during a sync of 100 copies", kills, command)
-    figures("crash", f"image size", f"{size >> 20} MiB", command)
+    figures("crash", "image size", f"{size >> 20} MiB", command)
     figures("crash", "copies lost", lost, command)
     figures("crash", "imports issued / minimum needed", f"{imports} / {len(images)}", command)
     figures("crash", "time to converge (all kills included)", f"{converged:.1f} s", command)

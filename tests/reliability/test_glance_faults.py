@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+
 import sandbox as sandbox_mod
 from daemon import Daemon, import_requests
 from helpers import import_settled, stores_of, upload_image, wait_for

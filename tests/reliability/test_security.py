@@ -5,9 +5,9 @@ clearly instead of looping.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
-import atexit
 import os
 import pwd
 import secrets
@@ -23,14 +23,14 @@ from pathlib import Path
 
 import kombu
 import pytest
+from conftest import OTHER_PROJECT
 
 import imagesync
+from imagesync.log import redact
+
 import sandbox as sandbox_mod
-from conftest import OTHER_PROJECT
 from daemon import Daemon, import_requests
 from helpers import stores_of, upload_image, wait_for
-
-from imagesync.log import redact
 
 UNPRIVILEGED_USER = "imagesync-test"
 FORBIDDEN = "copy-image needs the admin role"

@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+
 import systemd_ns
 from helpers import stores_of, upload_image, wait_for
 

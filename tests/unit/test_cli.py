@@ -8,6 +8,7 @@ Time is fixed: the CLI's clock is T0.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -140,6 +141,24 @@ def test_status_counts_copies_per_store_and_says_when_the_daemon_last_heard_from
     assert lines[-1] == (f"daemon: not running (no imagesync process {GONE_PID}; it started "
                          "2 h ago); last notification 30 s ago (3 in all); "
                          "last reconcile 10 min ago (took 12.5 s)")
+
+
+def test_oldest_pending_counts_from_when_the_copy_became_pending_not_from_a_handed_back_claim(
+        run, conf_file, tmp_path):
+    path = tmp_path / "state" / "ledger.sqlite"
+    db = connect(path)
+    ops = Ops(db)
+    with db.conn:
+        ops.record_visit(UBUNTU, image(UBUNTU, "ubuntu"), {"slow": ("r",)}, {}, T0 - 3600,
+                         SETTINGS)
+        assert ops.claim(T0 - 100, 10, 10, 0, 0, 10)  # taken for a POST...
+        ops.release_claim(UBUNTU, ["slow"], T0 - 50)  # ...that was never sent: pending again
+    db.close()
+
+    stores = json.loads(run("status", "-f", "json").output)["stores"]
+
+    assert stores == [{**stores[0], "store": "slow", "pending": 1,
+                       "oldest_pending": output.iso(T0 - 3600)}]
 
 
 def test_status_as_json_has_the_daemon_and_every_store_with_iso_times(run, ledger_path):
@@ -431,28 +450,63 @@ def test_policy_check_without_a_file_checks_the_configured_policy(run, conf_file
     assert result.stdout.endswith("policy.yaml: OK, 1 rule(s)\n")
 
 
-class FakeGlance:
-    """Just enough of imagesync.glance.Glance for the CLI."""
+ALREADY_PRESENT = (400, "Image is already present at store 'fast'")
 
-    def __init__(self, images=(), stores=None, answers=None):
+
+def api(image: Image) -> dict:
+    """An Image as Glance's API shows it (stores left out when it is in none)."""
+    body = {"id": image.id, "name": image.name, "status": image.status,
+            "owner": image.owner, "visibility": image.visibility, **image.properties}
+    if image.stores:
+        body["stores"] = ",".join(sorted(image.stores))
+    return body
+
+
+class FakeGlance:
+    """Just enough of imagesync.glance.Glance for the CLI. `legacy`: ids whose listing
+    shows no stores (locations from before multi-store), as Glance lists them until a GET."""
+
+    def __init__(self, images=(), stores=None, answers=None, legacy=()):
         self.images = {i.id: i for i in images}
         self._stores = stores or {s: StoreInfo(s, "file") for s in ("fast", "slow", "edge")}
         self.answers = answers or {}
+        self.legacy = set(legacy)
+        self.gets: list[str] = []
+        self.copies: list[tuple[str, list[str]]] = []
 
     def stores(self, refresh=False):
         return self._stores
 
     def get_image(self, image_id, poll=False):
+        self.gets.append(image_id)
         return self.images.get(image_id)
 
-    def list_pages(self, page_size=1000, hidden=False):
-        yield [i for i in self.images.values() if i.hidden == hidden]
+    def image_page(self, marker, page_size=1000, hidden=False):
+        listed = [dataclasses.replace(i, stores=frozenset()) if i.id in self.legacy else i
+                  for i in self.images.values() if i.hidden == hidden]
+        ids = [i.id for i in listed]
+        if marker is not None and marker not in ids:
+            raise GlanceError(400, f"No image found with ID {marker}")
+        start = ids.index(marker) + 1 if marker else 0
+        return listed[start:start + page_size], start + page_size < len(listed)
 
     def import_methods(self):
         return self.answers.get("import", ["glance-direct", "copy-image"])
 
+    def copy_image(self, image_id, stores):
+        self.copies.append((image_id, list(stores)))
+        answers = self.answers.get("copy", [ALREADY_PRESENT])
+        answer = answers[min(len(self.copies), len(answers)) - 1]
+        if isinstance(answer, Exception):  # Glance.copy_image raises for a non-answer
+            raise answer
+        return answer
+
     def _json(self, path):
-        answer = self.answers.get(path, {"stores": [{"id": s} for s in self._stores]})
+        if path.startswith("/images?"):
+            answer = self.answers.get("/images", {"images": [
+                api(i) for i in self.images.values()]})
+        else:
+            answer = self.answers.get(path, {"stores": [{"id": s} for s in self._stores]})
         if isinstance(answer, Exception):
             raise answer
         return answer
@@ -597,42 +651,205 @@ def test_plan_rows_skip_read_only_stores_and_never_list_stores_the_image_has():
         ("web", "skip", "store web is read-only")]
 
 
+def test_plan_shows_a_failed_copy_as_held_until_retry_not_as_a_copy(
+        run, ledger_path, conf_file, monkeypatch):
+    (conf_file.parent / "policy.yaml").write_text(
+        "version: 1\nrules:\n  - name: edge-too\n    match: {}\n    stores: [edge]\n")
+    fake = FakeGlance(images=[image(CENTOS, "centos", size=1 << 20)])
+    monkeypatch.setattr(cli.Env, "glance", lambda self: fake)
+
+    table = run("plan")
+    body = json.loads(run("plan", "-f", "json").output)
+
+    assert [(r["store"], r["action"], r["bytes"], r["ledger"], r["reason"])
+            for r in body["copies"]] == [
+        ("edge", "held", None, "failed", "failed: not copied again until `imagesync retry`")]
+    assert (body["totals"]["copies"], body["totals"]["held"], body["totals"]["bytes"]) == \
+        (0, 1, 0)
+    assert table.output.splitlines()[-1] == (
+        "nothing to copy now; 1 image(s) checked; 1 failed copy(ies) held until "
+        "`imagesync retry`")
+
+
+def test_plan_reads_an_image_listed_in_no_store_before_planning_it(
+        run, ledger_path, conf_file, monkeypatch):
+    (conf_file.parent / "policy.yaml").write_text(
+        "version: 1\nrules:\n  - name: two\n    match: {}\n    stores: [fast, slow]\n")
+    legacy = image(DEBIAN, "old", stores=("fast",), size=1 << 20)
+    fake = FakeGlance(images=[legacy, image(UBUNTU, "new", stores=("fast", "slow"))],
+                      legacy={DEBIAN})
+    monkeypatch.setattr(cli.Env, "glance", lambda self: fake)
+
+    result = run("plan", "-f", "value", "-c", "name", "-c", "store", "-c", "action")
+
+    assert result.exit_code == 0, result.output
+    assert result.output == "old slow copy\n"  # not "old fast copy": it is in fast
+    assert fake.gets == [DEBIAN]  # one GET, only for the image listed in no store
+
+
+def test_plan_survives_a_listing_marker_deleted_between_pages(
+        run, ledger_path, conf_file, monkeypatch):
+    conf_file.write_text(conf_file.read_text() + "[reconcile]\npage_size = 1\n")
+    fake = FakeGlance(images=[image(UBUNTU, "ubuntu"), image(CENTOS, "centos"),
+                              image(DEBIAN, "ubuntu-qcow")])
+    page = fake.image_page
+
+    def delete_each_marker(marker, page_size=1000, hidden=False):
+        answer = page(marker, page_size, hidden)
+        if answer[0] and answer[0][-1].id == CENTOS:
+            del fake.images[CENTOS]  # deleted (and purged) right after it was listed
+        return answer
+
+    fake.image_page = delete_each_marker
+    monkeypatch.setattr(cli.Env, "glance", lambda self: fake)
+
+    result = run("plan", "-f", "json")
+
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["totals"]["images_checked"] == 3
+    assert result.stderr.startswith(f"note: image {CENTOS} vanished while Glance listed it "
+                                    f"(HTTP 400: No image found with ID {CENTOS}); the "
+                                    f"listing goes on after {UBUNTU}")
+
+
+def test_config_dir_files_are_read_after_the_config_file_like_the_daemon(
+        run, conf_file, ledger_path, tmp_path):
+    moved = tmp_path / "elsewhere" / "ledger.sqlite"
+    moved.parent.mkdir()
+    ledger_path.rename(moved)
+    confd = tmp_path / "imagesync.conf.d"
+    confd.mkdir()
+    (confd / "10-ledger.conf").write_text(f"[imagesync]\nledger_path = {moved}\n")
+
+    without = run("status")
+    with_dir = run("--config-dir", str(confd), "status")
+
+    assert without.exit_code == 1 and "no ledger" in without.output
+    assert with_dir.exit_code == 0, with_dir.output
+    assert with_dir.output.startswith("+-------+")
+    missing = CliRunner().invoke(cli.main, ["--config-dir", str(tmp_path / "nope"), "status"])
+    assert missing.exit_code == 2 and "does not exist" in missing.output
+
+
+def test_a_drop_in_directory_of_the_daemon_applies_to_the_cli_too(
+        run, conf_file, ledger_path, tmp_path, monkeypatch):
+    # oslo.config's default directories: ~/.imagesync/ (here), /etc/imagesync/, ... each
+    # with imagesync.conf.d/ and imagesync-daemon.conf.d/, the latter named after the daemon.
+    moved = tmp_path / "elsewhere" / "ledger.sqlite"
+    moved.parent.mkdir()
+    ledger_path.rename(moved)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    dropins = tmp_path / ".imagesync" / "imagesync-daemon.conf.d"
+    dropins.mkdir(parents=True)
+    (dropins / "50-ledger.conf").write_text(f"[imagesync]\nledger_path = {moved}\n")
+
+    result = run("status", "-f", "value", "-c", "store")
+
+    assert result.exit_code == 0, result.output
+    assert result.output.split() == ["edge", "slow"]
+
+
 # -- doctor -------------------------------------------------------------------------------
 
 
-def test_doctor_says_copy_image_needs_the_admin_role_when_the_detail_endpoint_gives_403():
-    # Glance's answer faked here; tests/functional gets the real 403 with a member's token.
-    fake = FakeGlance(answers={"/info/stores/detail": GlanceError(403, "Forbidden")})
+class GlanceConn:
+    class image:  # noqa: N801
+        @staticmethod
+        def get_endpoint():
+            return "http://glance:9292/v2"
 
-    result = doctor.admin_check(fake, "imagesync")
+
+SETTLED = image(UBUNTU, "ubuntu", stores=("fast", "slow"))
+
+
+def doctor_glance(*images, **kw) -> FakeGlance:
+    fake = FakeGlance(images=images, **kw)
+    fake.conn = GlanceConn()
+    return fake
+
+
+def test_doctor_may_copy_when_glance_refuses_a_copy_to_a_store_the_image_is_in_with_400():
+    # Glance's answers faked here; tests/functional/test_doctor.py asks the real Glance.
+    locked = image(CENTOS, "centos", lock="task-1")
+    nowhere = image(DEBIAN, "debian", stores=())
+    fake = doctor_glance(locked, nowhere, SETTLED)
+
+    result = doctor.copy_check(fake, "imagesync", {"fast", "slow", "edge"})
+
+    assert result.status == "OK", result
+    assert fake.copies == [(UBUNTU, ["fast"])]  # not the locked image, not one in no store
+    assert f"image {UBUNTU} to store fast, which it is in" in result.detail
+    assert "400 'already present'" in result.detail and "nothing copied" in result.detail
+
+
+def test_doctor_says_copy_image_needs_the_admin_role_when_glance_refuses_the_copy_with_403():
+    fake = doctor_glance(SETTLED, answers={"copy": [(403, "Forbidden")]})
+
+    result = doctor.copy_check(fake, "imagesync", {"fast", "slow"})
 
     assert result.status == "FAIL"
-    assert "copy-image needs the admin role" in result.detail
-    assert "admin role" in result.hint
+    assert result.detail.startswith("copy-image needs the admin role: Glance refused")
+    assert "admin role" in result.hint and "copy_image policy" in result.hint
+
+
+def test_doctor_probes_only_stores_glance_lists_and_asks_the_next_image_after_a_409():
+    other = image(CENTOS, "centos", stores=("gone", "edge"))
+    fake = doctor_glance(other, SETTLED,
+                         answers={"copy": [(409, "Image has active task"), ALREADY_PRESENT]})
+
+    result = doctor.copy_check(fake, "c", {"fast", "slow", "edge"})
+
+    assert result.status == "OK"
+    assert fake.copies == [(CENTOS, ["edge"]), (UBUNTU, ["fast"])]
+
+
+def test_doctor_cannot_tell_without_an_image_and_never_says_ok():
+    fake = doctor_glance()
+
+    result = doctor.copy_check(fake, "c", {"fast"})
+
+    assert result.status == "WARN"
+    assert result.detail.startswith("cannot tell: these credentials see no active image")
+    assert fake.copies == []
+
+
+def test_doctor_fails_credentials_that_may_not_even_list_images():
+    fake = doctor_glance(answers={"/images": GlanceError(403, "Forbidden")})
+
+    result = doctor.copy_check(fake, "c", {"fast"})
+
+    assert result.status == "FAIL"
+    assert "copy-image needs the admin role" in result.detail and fake.copies == []
+
+
+@pytest.mark.parametrize("answer, status, words", [
+    ((202, ""), "WARN", "Glance accepted"),
+    ((413, "quota exceeded"), "WARN", "for quota"),
+    (GlanceUnavailable(None, "Glance unreachable: ConnectFailure"), "WARN", "unreachable"),
+    (GlanceUnavailable(503, "unavailable"), "WARN", "HTTP 503"),
+    (GlanceError(429, "Too Many Requests"), "WARN", "HTTP 429"),
+])
+def test_doctor_says_what_any_other_answer_to_the_probe_means(answer, status, words):
+    result = doctor.copy_check(doctor_glance(SETTLED, answers={"copy": [answer]}), "c", None)
+
+    assert result.status == status and words in result.detail, result
 
 
 def test_doctor_fails_without_copy_image_or_multi_store_and_passes_a_good_glance():
-    class Conn:
-        class image:  # noqa: N801
-            @staticmethod
-            def get_endpoint():
-                return "http://glance:9292/v2"
-
-    bad = FakeGlance(answers={"import": ["glance-direct"],
-                              "/info/stores": GlanceError(404, "Not Found")})
-    bad.conn = Conn()
+    bad = doctor_glance(SETTLED, answers={"import": ["glance-direct"],
+                                          "/info/stores": GlanceError(404, "Not Found")})
     results, stores = doctor.glance_checks(bad, "c")
     assert [(r.title, r.status) for r in results] == [
         ("Glance reachable", "OK"), ("multi-store", "FAIL"), ("copy-image enabled", "FAIL"),
-        ("credentials may copy", "OK")]
-    assert stores is None
+        ("credentials may copy", "WARN")]
+    assert results[-1].detail == "not checked: copy-image is not enabled"
+    assert stores is None and bad.copies == []
 
-    good = FakeGlance()
-    good.conn = Conn()
+    good = doctor_glance(SETTLED)
     results, stores = doctor.glance_checks(good, "c")
     assert {r.status for r in results} == {"OK"} and stores == {"fast", "slow", "edge"}
 
-    down = FakeGlance(answers={"import": None})
+    down = doctor_glance(answers={"import": None})
     down.import_methods = lambda: (_ for _ in ()).throw(GlanceUnavailable(None, "refused"))
     results, stores = doctor.glance_checks(down, "c")
     assert [(r.title, r.status) for r in results] == [("Glance reachable", "FAIL")]
@@ -641,19 +858,13 @@ def test_doctor_fails_without_copy_image_or_multi_store_and_passes_a_good_glance
 def test_doctor_runs_every_check_in_order_against_what_it_is_given(conf_file, ledger_path):
     from imagesync import conf as conf_mod
 
-    class Conn:
-        class image:  # noqa: N801
-            @staticmethod
-            def get_endpoint():
-                return "http://glance:9292/v2"
-
-    glance = FakeGlance()
-    glance.conn = Conn()
+    glance = doctor_glance(SETTLED)
     conf = conf_mod.load([], config_files=[str(conf_file)])
 
     results = list(doctor.run(conf, T0, glance_factory=lambda: glance,
                               queue_probe=lambda conf: ("amqp://guest:**@mq:5672//", 0, 1)))
 
+    assert [r.title for r in results] == list(doctor.TITLES)
     assert [(r.status, r.title) for r in results] == [
         ("OK", "configuration"), ("OK", "Glance reachable"), ("OK", "multi-store"),
         ("OK", "copy-image enabled"), ("OK", "credentials may copy"),

@@ -60,9 +60,43 @@ def test_a_409_naming_a_store_glance_does_not_list_is_retried_as_unknown_store()
     assert "gone-store" in outcome.message and "slow" not in outcome.message
 
 
-def test_a_409_for_an_active_unlocked_image_with_known_stores_is_a_lost_lock_race():
+def test_a_409_for_an_active_unlocked_image_whose_stores_glance_lists_is_a_node_lacking_it():
+    # Given Glance's store list (from one API node) names slow, and the image is active and
+    # unlocked, yet the import (answered by another node) got 409
     outcome = classify(409, image(), live=LIVE)
-    assert (outcome.kind, outcome.action) == (Kind.LOCKED, Action.WAIT)
+    # Then it is an unknown store, tried a few times: one node may lack the store
+    assert (outcome.kind, outcome.action) == (Kind.UNKNOWN_STORE, Action.RETRY)
+    assert "slow" in outcome.message and "enabled_backends" in outcome.message
+
+
+@pytest.mark.parametrize("message", ["Store for identifier edge not found",
+                                     "Speicher für Kennung edge nicht gefunden"])
+def test_a_409_naming_one_of_several_targets_blames_only_that_store(message):
+    # Given a copy to slow and edge, and a node lacking edge says so (in any language: store
+    # ids are never translated)
+    outcome = classify(409, image(), targets=("slow", "edge"), message=message)
+    # Then only edge is held responsible; slow goes again at no cost
+    assert (outcome.kind, outcome.blamed) == (Kind.UNKNOWN_STORE, frozenset({"edge"}))
+    assert "edge" in outcome.message and "slow" not in outcome.message
+
+
+@pytest.mark.parametrize("message", ["", "Conflict", "Store for identifier slowly not found",
+                                     "slow and edge are both missing"])
+def test_a_409_that_names_no_single_target_blames_them_all(message):
+    outcome = classify(409, image(), targets=("slow", "edge"), message=message)
+    assert (outcome.kind, outcome.blamed) == (Kind.UNKNOWN_STORE, None)
+
+
+def test_a_409_for_a_store_glance_does_not_list_blames_only_that_store():
+    outcome = classify(409, image(), targets=("slow", "gone-store"), live=("fast", "slow"))
+    assert outcome.blamed == frozenset({"gone-store"})
+
+
+def test_a_409_after_another_import_put_a_target_there_marks_it_done_and_replans():
+    # Given we lost the lock race to an import that has already copied slow and let go
+    outcome = classify(409, image(stores=("fast", "slow")), targets=("slow", "edge"))
+    assert (outcome.kind, outcome.action) == (Kind.ALREADY_PRESENT, Action.REPLAN)
+    assert outcome.done == frozenset({"slow"})
 
 
 # -- 400: the whole multi-store request was rejected ------------------------------------------
@@ -113,18 +147,36 @@ def test_a_403_blocks_the_copy_and_says_copy_image_needs_the_admin_role():
     assert outcome.message.startswith("copy-image needs the admin role")
 
 
-@pytest.mark.parametrize("status", [500, 502, 503, 504])
-def test_a_5xx_is_transient_and_retried_with_backoff(status):
+@pytest.mark.parametrize("status", [500, 502, 503, 504, 429])
+def test_a_5xx_or_a_429_is_transient_and_backs_off_without_using_an_attempt(status):
     outcome = classify(status, image(), message="Service Unavailable")
-    assert (outcome.kind, outcome.action) == (Kind.TRANSIENT, Action.RETRY)
+    assert (outcome.kind, outcome.action) == (Kind.TRANSIENT, Action.BACKOFF)
     assert outcome.status == status
+
+
+def test_a_429_with_no_text_says_glance_is_rate_limiting():
+    outcome = classify_import_error(429, "", None, ["slow"], None)
+    assert outcome.message == "Glance is rate limiting (429)"
 
 
 def test_no_answer_at_all_is_transient_and_says_so():
     outcome = classify_import_error(None, "", None, ["slow"], None)
-    assert (outcome.kind, outcome.action) == (Kind.TRANSIENT, Action.RETRY)
+    assert (outcome.kind, outcome.action) == (Kind.TRANSIENT, Action.BACKOFF)
     assert outcome.status is None
     assert outcome.message == "no answer from Glance"
+
+
+def test_a_401_is_a_credential_problem_that_backs_off_without_using_an_attempt():
+    outcome = classify(401, image(), message="The request you have made requires authentication.")
+    assert (outcome.kind, outcome.action) == (Kind.UNAUTHORIZED, Action.BACKOFF)
+    assert "credentials" in outcome.message and "401" in outcome.message
+
+
+@pytest.mark.parametrize("status", [None, 401, 429, 500, 503])
+def test_no_real_answer_never_uses_an_attempt(status):
+    # Whatever the image looks like, an answer that says nothing about the copy itself
+    for after in (None, image(), image(lock=LOCK_TASK), image(status="deactivated")):
+        assert classify(status, after).action == Action.BACKOFF
 
 
 # -- the message never decides ----------------------------------------------------------------
@@ -140,6 +192,9 @@ SCENARIOS = {
     "forbidden": (403, image(), ("slow",), None),
     "server error": (503, image(), ("slow",), None),
     "no answer": (None, None, ("slow",), None),
+    "rate limited": (429, None, ("slow",), None),
+    "unauthorized": (401, None, ("slow",), None),
+    "node lacks a store": (409, image(), ("slow",), LIVE),
 }
 TRANSLATED = [
     "Image 1d818d51 already present at store slow",            # what Glance says in English
@@ -170,7 +225,7 @@ def test_a_blank_message_is_classified_like_any_other(message):
     status, after, targets, live = SCENARIOS["server error"]
     # When the refusal is classified, Then it is transient like any other 503
     outcome = classify_import_error(status, message, after, targets, live)
-    assert (outcome.kind, outcome.action) == (Kind.TRANSIENT, Action.RETRY)
+    assert (outcome.kind, outcome.action) == (Kind.TRANSIENT, Action.BACKOFF)
 
 
 @settings(max_examples=150, deadline=None)

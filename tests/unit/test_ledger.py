@@ -21,7 +21,16 @@ import pytest
 
 from imagesync.errors import FORBIDDEN_MESSAGE, Action, Kind, Outcome
 from imagesync.events import Event, EventKind, parse
-from imagesync.ledger import SCHEMA, Ledger, LedgerError, Ops, open_readonly
+from imagesync.ledger import (
+    RETRY,
+    RETRY_NOW,
+    SCHEMA,
+    SPLIT_AFTER,
+    Ledger,
+    LedgerError,
+    Ops,
+    open_readonly,
+)
 from imagesync.model import IMPORT_TASK, Image
 from imagesync.planner import Settings
 
@@ -188,11 +197,15 @@ def test_claim_keeps_to_max_imports_counted_in_images(ledger):
     assert [c[0] for c in claim(ledger, max_imports=3)] == [image_id(3)]
 
 
-def test_claim_holds_back_a_store_at_its_cap_and_sends_the_image_s_other_stores(ledger):
+def test_claim_waits_for_room_in_all_an_image_s_stores_then_splits_after_the_bound(ledger):
+    # Given slow can take one import and image 1 takes it; image 2 needs slow and edge
     plan(ledger, image(1), "slow", now=T0 + 1)
     plan(ledger, image(2), "slow", "edge", now=T0 + 2)
-    assert claim(ledger, per_store=1) == [(image_id(1), ["slow"], 100),
-                                          (image_id(2), ["edge"], 100)]
+    assert claim(ledger, per_store=1) == [(image_id(1), ["slow"], 100)]
+    # Then image 2 waits for slow rather than reading its data into staging twice
+    assert claim(ledger, now=T0 + 2 + SPLIT_AFTER - 1, per_store=1) == []
+    # Once it has waited split_imports_after, it goes to the store with room
+    assert claim(ledger, now=T0 + 2 + SPLIT_AFTER, per_store=1) == [(image_id(2), ["edge"], 100)]
 
 
 def test_claim_keeps_to_max_bytes_in_flight(ledger):
@@ -202,10 +215,10 @@ def test_claim_keeps_to_max_bytes_in_flight(ledger):
     assert claim(ledger, max_bytes_in_flight=150) == []
 
 
-def test_claim_lets_one_image_larger_than_the_byte_cap_through_when_nothing_is_in_flight(
+def test_claim_lets_one_image_larger_than_the_byte_cap_through_whole_when_nothing_is_in_flight(
         ledger):
     plan(ledger, image(1, size=10_000), "slow", "edge")
-    assert claim(ledger, max_bytes_in_flight=150) == [(image_id(1), ["edge"], 10_000)]
+    assert claim(ledger, max_bytes_in_flight=150) == [(image_id(1), ["edge", "slow"], 10_000)]
 
 
 def test_claim_keeps_to_max_bytes_per_hour_and_frees_up_after_an_hour(ledger):
@@ -289,6 +302,46 @@ def test_a_retry_request_re_queues_failed_copies_with_fresh_attempts(ledger, pat
     assert ledger.process_requests(T0 + 61) == []   # a request is taken once
 
 
+def test_retry_now_also_brings_forward_retrying_copies_keeping_their_history(ledger, path):
+    # Given edge failed for good, and slow failed twice and waits an hour for its next try
+    plan(ledger, image(1), "fast", "slow", "edge")
+    claim(ledger, now=T0 + 1)
+    forbidden = Outcome(Kind.FORBIDDEN, Action.BLOCK, FORBIDDEN_MESSAGE, 403)
+    ledger.record_outcome(image_id(1), ["edge"], forbidden, T0 + 2, SETTINGS)
+    ledger.submit(lambda ops: ops.x(
+        "UPDATE copies SET state = 'retrying', attempts = 2, next_attempt_at = ?, "
+        "error_kind = 'copy_failed', error_message = 'store full' WHERE store = 'slow'",
+        (T0 + 3600,))).result(5)
+    # When a plain retry is taken, only the failed copy is re-queued
+    ledger.add_request(RETRY, image_id(1), T0 + 10)
+    assert ledger.process_requests(T0 + 10) == [(RETRY, image_id(1), 1)]
+    assert copies(path)["slow"]["next_attempt_at"] == T0 + 3600
+    # When `retry --now` is taken, the retrying copy is due now, its attempts and error kept
+    ledger.add_request(RETRY_NOW, image_id(1), T0 + 20)
+    assert ledger.process_requests(T0 + 20) == [(RETRY_NOW, image_id(1), 1)]
+    slow = copies(path)["slow"]
+    assert (slow["state"], slow["next_attempt_at"], slow["attempts"], slow["error_message"]) \
+        == ("retrying", None, 2, "store full")
+    assert image_row(path)["look_at"] == T0 + 20
+    request = query(path, "SELECT result FROM requests ORDER BY id DESC LIMIT 1")[0]
+    assert request["result"] == "0 copies re-queued, 1 retrying copies due now"
+    # Then, once the image is re-read, both stores go in one import
+    plan(ledger, image(1), "fast", "slow", "edge", now=T0 + 21)
+    assert claim(ledger, now=T0 + 22) == [(image_id(1), ["edge", "slow"], 100)]
+
+
+def test_retry_now_for_every_image_brings_forward_all_retrying_copies(ledger, path):
+    for n in (1, 2):
+        plan(ledger, image(n), "fast", "slow", now=T0 + n)
+    ledger.submit(lambda ops: ops.x("UPDATE copies SET state = 'retrying', attempts = 1, "
+                                    "next_attempt_at = ? WHERE store = 'slow'",
+                                    (T0 + 3600,))).result(5)
+    ledger.add_request(RETRY_NOW, None, T0 + 10)
+    assert ledger.process_requests(T0 + 10) == [(RETRY_NOW, None, 2)]
+    assert query(path, "SELECT count(*) AS n FROM copies WHERE next_attempt_at IS NULL "
+                       "AND state = 'retrying'")[0]["n"] == 2
+
+
 def test_the_last_good_policy_survives_in_the_ledger(ledger):
     assert ledger.last_policy() is None
     ledger.save_policy("/etc/imagesync/policy.yaml", "version: 1\nrules: []\n", T0)
@@ -342,7 +395,7 @@ def test_a_reader_refuses_a_ledger_written_by_a_newer_imagesync(path):
     conn.close()
     with pytest.raises(LedgerError, match="m999_from_the_future"):
         open_readonly(path)
-    assert SCHEMA == ["m001_initial"]
+    assert SCHEMA == ["m001_initial", "m002_queued_at"]
 
 
 # -- group commit ---------------------------------------------------------------------------

@@ -6,6 +6,8 @@ so every story below runs instantly and gives the same answer every time.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from imagesync.errors import FORBIDDEN_MESSAGE, Action, Kind, Outcome
@@ -34,7 +36,8 @@ NOW = 1_800_000_000.0
 # Deterministic retry policy: attempt n waits 100 * n seconds.
 SETTINGS = Settings(max_attempts=4, backoff=lambda attempt: 100.0 * attempt,
                     quota_retry_delay=7200.0, unknown_store_tries=2, poll_interval=2.0,
-                    settle_grace=20.0, lock_poll=60.0, lock_expiry=3600.0)
+                    settle_grace=20.0, lock_poll=60.0, lock_expiry=3600.0,
+                    store_list_ttl=300.0, image_backoff_base=3.0)
 RULE = ("everywhere",)
 
 
@@ -63,10 +66,10 @@ def rows(*copies: Copy) -> dict[str, Copy]:
     return {c.store: c for c in copies}
 
 
-def visit(img, copies=(), desired=None, skipped=None, track=Tracking(), now=NOW,
+def visit(img, copies=(), desired=None, skipped=None, track=None, now=NOW,
           settings=SETTINGS):
     return plan_visit(img, rows(*copies), want("fast", "slow") if desired is None else desired,
-                      skipped or {}, track, now, settings)
+                      skipped or {}, track or Tracking(), now, settings)
 
 
 def importing(started=NOW - 5.0, **fields) -> Tracking:
@@ -243,6 +246,27 @@ def test_after_a_restart_mid_import_a_copy_that_never_arrived_goes_back_to_pendi
     assert result.import_over
 
 
+def test_our_import_cut_off_by_a_dead_glance_api_gives_its_attempt_back():
+    # Given our import's task died with its glance-api: its lock aged past Glance's expiry
+    img = image(stores=("fast",), lock=OUR_TASK)
+    track = importing(started=NOW - 7200, saw_lock=True, lock_task=OUR_TASK,
+                      lock_task_status="processing", lock_task_updated_at=NOW - 3700)
+    result = visit(img, [copy("fast", DONE), copy("slow", IN_FLIGHT, 3)], track=track)
+    # Then the copy is pending again, its attempt given back: the outage said nothing about it
+    slow = result.changes["slow"]
+    assert (slow.state, slow.attempts, slow.error_kind) == (PENDING, 2, Kind.TRANSIENT.value)
+    assert "cut off" in slow.error_message
+    assert result.import_over
+
+
+def test_our_import_whose_lock_names_a_task_glance_lost_gives_its_attempt_back():
+    img = image(stores=("fast",), lock=OUR_TASK)
+    track = importing(started=NOW - 60, saw_lock=True, lock_task=OUR_TASK,
+                      lock_task_status="missing")
+    result = visit(img, [copy("fast", DONE), copy("slow", IN_FLIGHT, 1)], track=track)
+    assert (result.changes["slow"].state, result.changes["slow"].attempts) == (PENDING, 0)
+
+
 def test_after_a_restart_a_copy_glance_reported_failed_uses_its_attempt():
     result = visit(image(stores=("fast",), failed=("slow",)),
                    [copy("fast", DONE), copy("slow", IN_FLIGHT, 2)],
@@ -254,24 +278,55 @@ def test_after_a_restart_a_copy_glance_reported_failed_uses_its_attempt():
 
 
 @pytest.mark.parametrize("gone", [None, "deleted", "pending_delete", "killed"])
-def test_an_image_that_is_gone_cancels_its_open_copies_and_keeps_finished_ones(gone):
+def test_an_image_that_is_gone_cancels_its_open_and_failed_copies_and_keeps_done_ones(gone):
     img = None if gone is None else image(status=gone)
     result = visit(img, [copy("fast", DONE), copy("slow", PENDING), copy("edge", RETRYING, 2),
                          copy("west", IN_FLIGHT, 1), copy("east", FAILED, 4)])
+    # The failed copy leaves `failed` too, so an alert on failed copies clears
     assert {s: c.state for s, c in result.changes.items()} == \
-        {"slow": CANCELLED, "edge": CANCELLED, "west": CANCELLED}
+        {"slow": CANCELLED, "edge": CANCELLED, "west": CANCELLED, "east": CANCELLED}
     assert all(c.error_kind == Kind.GONE.value for c in result.changes.values())
+    assert result.changes["east"].attempts == 4   # its history stays
     assert result.deleted and result.import_over
 
 
-def test_a_store_no_longer_wanted_cancels_open_copies_and_leaves_done_ones_alone():
-    # Given the policy used to want slow, edge and west; now it wants fast only
+def test_a_store_no_longer_wanted_cancels_open_and_failed_copies_and_leaves_done_ones_alone():
+    # Given the policy used to want slow, edge, west and east; now it wants fast only
     result = visit(image(stores=("fast", "west")),
                    [copy("fast", DONE), copy("slow", PENDING), copy("edge", RETRYING, 1),
-                    copy("west", DONE)], desired=want("fast"))
+                    copy("west", DONE), copy("east", FAILED, 4, error_kind="copy_failed")],
+                   desired=want("fast"))
     assert {s: c.state for s, c in result.changes.items()} == \
-        {"slow": CANCELLED, "edge": CANCELLED}
+        {"slow": CANCELLED, "edge": CANCELLED, "east": CANCELLED}
     assert all(c.error_kind == Kind.NOT_WANTED.value for c in result.changes.values())
+    assert result.changes["east"].error_message == "no rule wants this store any more"
+
+
+@pytest.mark.parametrize(("used", "kept"), [(0, 0), (2, 2), (4, 3), (9, 3)])
+def test_a_cancelled_copy_wanted_again_keeps_its_attempts_but_gets_at_least_one_more_try(
+        used, kept):
+    # Given slow was cancelled (no rule wanted it) after `used` attempts; max_attempts is 4
+    cancelled = copy("slow", CANCELLED, used, error_kind=Kind.NOT_WANTED.value,
+                     error_message="no rule wants this store any more", finished_at=NOW - 60)
+    # When a rule wants slow again
+    result = visit(image(stores=("fast",)), [copy("fast", DONE), cancelled])
+    # Then it is pending with its attempts kept (a flapping policy cannot reset them), but
+    # never so many that it would fail without one more try; the cancel reason is gone
+    slow = result.changes["slow"]
+    assert (slow.state, slow.attempts) == (PENDING, kept)
+    assert (slow.error_kind, slow.error_message, slow.finished_at) == (None, None, None)
+
+
+def test_a_copy_that_fails_after_being_wanted_again_fails_on_its_remaining_attempts():
+    # Given a copy that used 3 of 4 attempts, was cancelled, and is wanted again
+    slow = visit(image(stores=("fast",)),
+                 [copy("fast", DONE), copy("slow", CANCELLED, 3)]).changes["slow"]
+    # When its next attempt (the 4th) fails
+    in_flight = dataclasses.replace(slow, state=IN_FLIGHT, attempts=slow.attempts + 1)
+    result = visit(image(stores=("fast",), failed=("slow",)), [copy("fast", DONE), in_flight],
+                   track=importing(saw_lock=True))
+    # Then it is failed: the history counted
+    assert result.changes["slow"].state == FAILED
 
 
 def test_a_done_copy_whose_store_lost_the_image_is_copied_again_with_fresh_attempts():
@@ -411,16 +466,71 @@ def test_a_forbidden_copy_is_failed_without_a_retry():
     assert look_at is None
 
 
-def test_an_unknown_store_is_retried_for_a_few_tries_then_failed():
+def test_an_unknown_store_is_tried_a_few_times_with_backoff_then_blocked_with_the_reason():
     outcome = refused(Kind.UNKNOWN_STORE, Action.RETRY, message="Glance has no store slow")
     tries = SETTINGS.unknown_store_tries
     early, _ = apply_outcome(rows(copy("slow", IN_FLIGHT, tries - 1)), frozenset({"slow"}),
                              outcome, NOW, SETTINGS)
-    late, _ = apply_outcome(rows(copy("slow", IN_FLIGHT, tries)), frozenset({"slow"}),
-                            outcome, NOW, SETTINGS)
+    late, look_at = apply_outcome(rows(copy("slow", IN_FLIGHT, tries)), frozenset({"slow"}),
+                                  outcome, NOW, SETTINGS)
     assert early["slow"].state == RETRYING
-    assert late["slow"].state == FAILED
-    assert late["slow"].error_kind == Kind.UNKNOWN_STORE.value
+    assert early["slow"].next_attempt_at == NOW + 100.0 * (tries - 1)   # backoff(attempts)
+    blocked = late["slow"]
+    assert (blocked.state, blocked.error_kind) == (FAILED, Kind.UNKNOWN_STORE.value)
+    assert blocked.error_message.startswith("Glance has no store slow; blocked")
+    # ... until the store list is next refreshed: its next try is due then
+    assert blocked.next_attempt_at == NOW + SETTINGS.store_list_ttl
+    assert look_at == blocked.next_attempt_at   # the image is looked at then
+    assert blocked.attempts == tries   # not inflated to max_attempts
+
+
+def test_an_unknown_store_outcome_sends_the_stores_it_does_not_blame_again_at_no_cost():
+    outcome = dataclasses.replace(
+        refused(Kind.UNKNOWN_STORE, Action.RETRY, message="... edge ..."),
+        blamed=frozenset({"edge"}))
+    changes, _ = apply_outcome(CLAIMED, BOTH, outcome, NOW, SETTINGS)
+    assert (changes["slow"].state, changes["slow"].attempts) == (PENDING, 1)
+    assert changes["slow"].next_attempt_at is None
+    assert (changes["edge"].error_kind, changes["edge"].attempts) == (Kind.UNKNOWN_STORE.value, 2)
+
+
+def test_a_store_list_cached_for_no_time_still_keeps_a_blocked_copy_waiting_a_while():
+    outcome = refused(Kind.UNKNOWN_STORE, Action.RETRY, message="Glance has no store slow")
+    settings = dataclasses.replace(SETTINGS, store_list_ttl=0.0)
+    changes, look_at = apply_outcome(rows(copy("slow", IN_FLIGHT, 5)), frozenset({"slow"}),
+                                     outcome, NOW, settings)
+    assert changes["slow"].state == FAILED and look_at >= NOW + 10
+
+
+def blocked_copy(at: float) -> Copy:
+    return copy("slow", FAILED, 2, error_kind=Kind.UNKNOWN_STORE.value,
+                error_message="Glance answered 409 ...; blocked", next_attempt_at=at,
+                finished_at=at - SETTINGS.store_list_ttl)
+
+
+def test_a_blocked_copy_waits_for_the_store_list_refresh_and_is_looked_at_then():
+    result = visit(image(stores=("fast",)), [copy("fast", DONE), blocked_copy(NOW + 120)])
+    assert result.changes == {}
+    assert result.look_at == NOW + 120
+
+
+def test_a_blocked_copy_gets_one_more_try_once_the_store_list_is_refreshed():
+    result = visit(image(stores=("fast",)), [copy("fast", DONE), blocked_copy(NOW - 1)])
+    slow = result.changes["slow"]
+    assert (slow.state, slow.next_attempt_at, slow.attempts) == (RETRYING, None, 2)
+
+
+def test_a_blocked_copy_of_a_store_no_rule_wants_is_cancelled():
+    result = visit(image(stores=("fast",)), [copy("fast", DONE), blocked_copy(NOW + 120)],
+                   desired=want("fast"))
+    assert result.changes["slow"].state == CANCELLED
+    assert result.look_at is None
+
+
+def test_a_copy_failed_for_good_is_not_tried_again_by_a_visit():
+    failed = copy("slow", FAILED, 4, error_kind=Kind.COPY_FAILED.value, finished_at=NOW - 10)
+    result = visit(image(stores=("fast",)), [copy("fast", DONE), failed])
+    assert result.changes == {} and result.look_at is None
 
 
 def test_over_quota_waits_the_quota_delay_not_the_backoff():
@@ -430,11 +540,37 @@ def test_over_quota_waits_the_quota_delay_not_the_backoff():
     assert {c.next_attempt_at for c in changes.values()} == {NOW + SETTINGS.quota_retry_delay}
 
 
-def test_a_transient_error_is_retried_after_the_backoff_of_its_attempt():
-    outcome = refused(Kind.TRANSIENT, Action.RETRY, status=503)
-    changes, _ = apply_outcome(CLAIMED, BOTH, outcome, NOW, SETTINGS)
-    assert {c.next_attempt_at for c in changes.values()} == {NOW + 200.0}
-    assert {c.attempts for c in changes.values()} == {2}
+def test_a_transient_error_waits_the_images_backoff_without_using_an_attempt():
+    outcome = dataclasses.replace(refused(Kind.TRANSIENT, Action.BACKOFF, status=503), delay=40.0)
+    changes, look_at = apply_outcome(CLAIMED, BOTH, outcome, NOW, SETTINGS)
+    assert {(c.state, c.attempts) for c in changes.values()} == {(RETRYING, 1)}
+    assert {c.next_attempt_at for c in changes.values()} == {NOW + 40.0}
+    assert {c.error_kind for c in changes.values()} == {Kind.TRANSIENT.value}
+    assert look_at == NOW + 40.0   # the image is re-read before the next try
+
+
+def test_a_transient_error_without_a_delay_waits_the_first_step_of_the_image_backoff():
+    changes, look_at = apply_outcome(CLAIMED, BOTH, refused(Kind.TRANSIENT, Action.BACKOFF),
+                                     NOW, SETTINGS)
+    assert look_at == NOW + SETTINGS.image_backoff_base
+
+
+@pytest.mark.parametrize("kind", [Kind.TRANSIENT, Kind.UNAUTHORIZED])
+def test_an_outage_of_any_length_never_fails_a_copy(kind):
+    # Given a copy that already used 3 of its 4 attempts
+    copies = rows(copy("slow", RETRYING, 3))
+    now = NOW
+    # When Glance gives no real answer to a thousand claims in a row (each claim counts an
+    # attempt before its POST, as the ledger does)
+    for _ in range(1000):
+        claimed = {s: dataclasses.replace(c, state=IN_FLIGHT, attempts=c.attempts + 1)
+                   for s, c in copies.items()}
+        outcome = dataclasses.replace(refused(kind, Action.BACKOFF, status=503), delay=300.0)
+        changes, _ = apply_outcome(claimed, frozenset(claimed), outcome, now, SETTINGS)
+        copies = {**claimed, **changes}
+        now = copies["slow"].next_attempt_at
+    # Then it is still retrying, with the attempts it had
+    assert (copies["slow"].state, copies["slow"].attempts) == (RETRYING, 3)
 
 
 def test_a_locked_image_waits_a_few_polls_without_using_an_attempt():

@@ -1,0 +1,201 @@
+"""One image at a time: a visit (GET, plan, record) and an import (POST, and what its answer
+means, including no answer at all). Mixed into the Executor, which runs these operations in
+its pool, one per image, within the image's request discipline; no scheduling here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from imagesync import planner
+from imagesync.discipline import IMPORT, LOOK, Discipline
+from imagesync.errors import Action, Kind, Outcome, classify_import_error
+from imagesync.glance import CredentialsRejected, Glance, GlanceError, GlanceUnavailable
+from imagesync.planner import DONE, Settings
+
+log = structlog.get_logger("imagesync.executor")
+
+NO_ANSWER_KINDS = frozenset({Kind.TRANSIENT.value, Kind.UNAUTHORIZED.value})
+
+
+def describe(exc: BaseException) -> str:
+    """What went wrong, in a few words, for the log and the ledger (never a secret)."""
+    if isinstance(exc, GlanceError):
+        return str(exc)[:300]
+    return f"unexpected {type(exc).__name__}: {str(exc)[:200]}"
+
+
+class ImageOperations:
+    """The Executor's work on one image. Expects the attributes and methods declared here."""
+
+    ledger: Any            # imagesync.ledger.Ledger (its operations run in its writer)
+    glance: Glance
+    policy: Any            # imagesync.executor.PolicyHolder
+    settings: Settings
+    metrics: Any
+    clock: Callable[[], float]
+    discipline: Discipline
+    visits: int
+    polls: int
+    locks_seen: dict[tuple[str, str], tuple[float, float | None]]
+    dispatch_paused_until: float
+
+    def _answered(self, image_id: str, kind: str) -> None:
+        raise NotImplementedError
+
+    def _note_trouble(self, image_id: str, exc: Exception, kind: str) -> float:
+        raise NotImplementedError
+
+    def _visit(self, image_id: str) -> None:
+        image = self.glance.get_image(image_id)
+        stores = self.glance.stores()
+        self._answered(image_id, LOOK)
+        desired, skipped = ({}, {}) if image is None else \
+            planner.targets(self.policy.policy, image, stores)
+        visit, before = self.ledger.record_visit(image_id, image, desired, skipped,
+                                                 self.clock(), self.settings)
+        if any(c.state == planner.IN_FLIGHT for c in before.values()):
+            self.polls += 1   # tracking an import of ours, counted apart from planning
+        else:
+            self.visits += 1
+        for store, copy in visit.changes.items():
+            old = before.get(store)
+            if old is None or old.state != copy.state:
+                self._log_change(image_id, store, copy, old)
+        if visit.foreign_lock:
+            self._read_lock_task(image_id, visit.foreign_lock)
+
+    def _read_lock_task(self, image_id: str, task_id: str | None) -> None:
+        """Learn the status and age of the task holding an image's lock, once per lock_poll."""
+        if not task_id:
+            return
+        now = self.clock()
+        first_seen, last_read = self.locks_seen.get((image_id, task_id), (now, None))
+        if last_read is not None and now - last_read < self.settings.lock_poll:
+            return
+        if len(self.locks_seen) > 10_000:  # forget locks long gone (bounded memory)
+            self.locks_seen = {k: v for k, v in self.locks_seen.items()
+                               if now - v[0] < 4 * self.settings.lock_expiry}
+        self.locks_seen[(image_id, task_id)] = (first_seen, now)
+        for task in self.glance.image_tasks(image_id):
+            if task["id"] == task_id:
+                self.ledger.record_lock_task(image_id, task_id, task["status"],
+                                             task["updated_at"])
+                log.info("image held by another import", image_id=image_id, task=task_id,
+                         task_status=task["status"])
+                return
+        # Glance has no such task: its API died between taking the lock and saving the task.
+        # Glance breaks such a lock on the next import request, whatever its age. But it takes
+        # the lock a moment before it saves the task: only a lock seen for a while is orphaned.
+        if now - first_seen < self.settings.settle_grace:
+            self.locks_seen[(image_id, task_id)] = (first_seen, None)  # read again next visit
+            return
+        self.ledger.record_lock_task(image_id, task_id, "missing", None)
+        log.warning("image locked by a task Glance does not have", image_id=image_id,
+                    task=task_id)
+
+    def _import(self, image_id: str, stores: list[str], size: int) -> None:
+        log.info("copy-image sent", image_id=image_id, stores=stores, bytes=size)
+        try:
+            status, message = self.glance.copy_image(image_id, stores)
+        except GlanceError as exc:
+            self._unanswered(image_id, stores, exc)
+            return
+        now = self.clock()
+        self._answered(image_id, IMPORT)
+        if status == 202:
+            self.ledger.record_started(image_id, now + self.settings.poll_interval, now)
+            if self.metrics:
+                self.metrics.import_started(stores)
+            return
+        try:   # classified by the image's state, never by Glance's message text
+            image = self.glance.get_image(image_id) if status in (400, 409) else None
+            live = set(self.glance.stores(refresh=True)) if status == 409 else None
+        except GlanceError as exc:
+            why = f"Glance answered {status} and could not be asked why: {describe(exc)}"
+            outcome = Outcome(Kind.TRANSIENT, Action.BACKOFF, why, status)
+            self._record(image_id, stores, self._backed_off(image_id, exc, outcome), now)
+            return
+        self._record(image_id, stores,
+                     classify_import_error(status, message, image, stores, live), now)
+
+    def _unanswered(self, image_id: str, stores: list[str], exc: GlanceError) -> None:
+        """No real answer to the POST. When it may have reached Glance (the connection dropped
+        after it was sent, or timed out), look at the image before anything else: its lock
+        says whether Glance took the import. Never a blind second import."""
+        if isinstance(exc, GlanceUnavailable) and exc.maybe_sent and \
+                self._glance_took_it(image_id, stores, exc):
+            return
+        status = 401 if isinstance(exc, CredentialsRejected) else exc.status
+        outcome = classify_import_error(status, exc.message, None, stores, None)
+        if outcome.kind == Kind.UNAUTHORIZED:
+            outcome = dataclasses.replace(outcome, message=exc.message[:300])
+        self._record(image_id, stores, self._backed_off(image_id, exc, outcome), self.clock())
+
+    def _glance_took_it(self, image_id: str, stores: list[str], exc: GlanceError) -> bool:
+        try:
+            image = self.glance.get_image(image_id)
+        except GlanceError:
+            # Cannot tell. The copies back off; if Glance did take the import, the next look
+            # shows its lock, and no import is sent while an image is locked.
+            return False
+        now = self.clock()
+        if image is None:
+            self._record(image_id, stores, classify_import_error(404, "", None, stores, None),
+                         now)
+            return True
+        took = bool(image.import_task) or set(stores) <= image.stores
+        log.warning("copy-image answer lost", image_id=image_id, stores=stores,
+                    error=exc.message, glance_took_it=took, lock=image.import_task)
+        if took:   # ours, in flight (or done already): track it from now on
+            self._answered(image_id, IMPORT)
+            self.ledger.record_started(image_id, now, now)
+            if self.metrics:
+                self.metrics.import_started(stores)
+        return took
+
+    def _backed_off(self, image_id: str, exc: Exception, outcome: Outcome) -> Outcome:
+        """The outcome, waiting out the image's import backoff (and pausing all work when
+        Glance or Keystone is down)."""
+        if outcome.action != Action.BACKOFF:
+            return outcome
+        return dataclasses.replace(outcome, delay=self._note_trouble(image_id, exc, IMPORT))
+
+    def _record(self, image_id: str, stores: list[str], outcome: Outcome, now: float) -> None:
+        changes = self.ledger.record_outcome(image_id, stores, outcome, now, self.settings)
+        if self.metrics:
+            self.metrics.import_failed(outcome.kind.value)
+        if outcome.action != Action.BACKOFF:   # those are logged as the image's trouble
+            level = "error" if outcome.action == Action.BLOCK else "warning"
+            getattr(log, level)("copy-image refused", image_id=image_id, stores=stores,
+                                status=outcome.status, kind=outcome.kind.value,
+                                reason=outcome.message)
+        if outcome.kind == Kind.FORBIDDEN:
+            self.dispatch_paused_until = now + 300
+        for store, copy in changes.items():
+            self._log_change(image_id, store, copy, None)
+
+    def _log_change(self, image_id: str, store: str, copy, old) -> None:
+        fields = dict(image_id=image_id, store=store, rule=",".join(copy.rules) or None,
+                      state=copy.state)
+        if copy.state == DONE:
+            if old is not None and old.state == planner.IN_FLIGHT:
+                log.info("copy done", attempts=copy.attempts, **fields)
+            else:
+                log.debug("already in store", **fields)
+        elif copy.state in (planner.RETRYING, planner.FAILED):
+            retry_in = round(copy.next_attempt_at - self.clock()) if copy.next_attempt_at else None
+            level = "error" if copy.state == planner.FAILED else \
+                "debug" if copy.error_kind in NO_ANSWER_KINDS else "warning"
+            getattr(log, level)("copy failed", attempts=copy.attempts, kind=copy.error_kind,
+                                reason=copy.error_message, retry_in=retry_in, **fields)
+        elif copy.state == planner.CANCELLED:
+            log.info("copy cancelled", reason=copy.error_message, **fields)
+        elif copy.state == planner.PENDING and (old is None or old.state != planner.PENDING):
+            log.info("copy planned", **fields)
+        if self.metrics:
+            self.metrics.copy_state(store, copy.state, old.state if old else None)
