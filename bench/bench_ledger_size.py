@@ -13,10 +13,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from unit.test_ledger_prune import Churn, simulate_churn  # tests/ is on sys.path (common)
-
 from bench.common import Section
 from imagesync.ledger import Retention
+
+from unit.test_ledger_prune import Churn, simulate_churn  # tests/ is on sys.path (common)
 
 DAYS = 365
 
