@@ -21,6 +21,7 @@ from imagesync.glance import (
     GlanceUnavailable,
     KeystoneUnavailable,
 )
+from imagesync.health import Heartbeat
 from imagesync.ledger import LedgerError
 from imagesync.operations import ImageOperations, describe
 from imagesync.planner import Settings
@@ -69,6 +70,7 @@ class Executor(ImageOperations):
         self.paused_until = 0.0      # Glance or the ledger unusable: no work until then
         self.dispatch_paused_until = 0.0   # 403: no imports until then
         self.thread: threading.Thread | None = None
+        self.heartbeat = Heartbeat("executor")  # beaten every loop, and while it waits
         rate = getattr(getattr(glance, "limiter", None), "rate", 20.0)
         self.discipline = discipline or Discipline(
             rate, settings.image_request_share, settings.image_backoff_base,
@@ -100,6 +102,7 @@ class Executor(ImageOperations):
 
     def run(self) -> None:
         while not self.stopping.is_set():
+            self.heartbeat.beat()
             self.wake.clear()  # before the tick: a poke during the tick must not be lost
             try:
                 self._tick()
@@ -107,8 +110,8 @@ class Executor(ImageOperations):
                 self._ledger_down(exc)
             except Exception:  # the loop must survive anything; the ledger keeps the work
                 log.exception("executor tick failed; retrying in 5 s")
-                self.stopping.wait(5)
-            self.wake.wait(self._sleep_time())
+                self.heartbeat.wait(self.stopping, 5)
+            self.heartbeat.wait(self.wake, self._sleep_time())  # a pause is alive: it beats
 
     def _sleep_time(self) -> float:
         now = self.clock()

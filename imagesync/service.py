@@ -175,7 +175,8 @@ class ImagesyncService(oslo_service.Service):
         checks = {
             "listener": lambda: heartbeat(self.endpoint.heartbeat),
             "ledger writer": ledger_writer,
-            "executor": lambda: thread(self.executor, "executor"),
+            "executor": lambda: (thread(self.executor, "executor")
+                                 or heartbeat(self.executor.heartbeat)),
         }
         if self.conf.reconcile.interval > 0:  # with 0 it makes one pass and is done
             checks["reconciler"] = lambda: thread(self.reconciler, "reconciler")
