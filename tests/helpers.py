@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -52,3 +54,35 @@ def stores_of(conn, image_id: str) -> set[str]:
 def import_settled(conn, image_id: str) -> bool:
     """True when no import holds the image's lock (the copy-image flow is over)."""
     return not conn.image.get_image(image_id).properties.get("os_glance_import_task")
+
+
+def connect(box, cloud: str = "sandbox"):
+    """openstacksdk as a sandbox's admin, from its clouds.yaml (as conftest.py's _connect)."""
+    import openstack.config
+    import openstack.connection
+
+    region = openstack.config.OpenStackConfig(
+        config_files=[str(box.clouds_yaml)], load_envvars=False).get_one(cloud)
+    return openstack.connection.Connection(config=region)
+
+
+class Images:
+    """The images a story made, deleted (and their staging leftovers removed) at the end."""
+
+    def __init__(self):
+        self.made: list[tuple[object, object, str]] = []   # (sandbox, conn, image id)
+
+    def upload(self, box, conn, size: int, name: str):
+        image = upload_image(conn, size, name=name)
+        self.made.append((box, conn, image.id))
+        return image
+
+    def delete_all(self) -> None:
+        for box, conn, image_id in self.made:
+            try:
+                conn.image.delete_image(image_id, ignore_missing=True)
+            except Exception as exc:  # noqa: BLE001 (every image gets its chance)
+                print(f"could not delete image {image_id}: {exc}", file=sys.stderr)
+            # A glance-api killed mid-copy leaves a partial file in staging.
+            for leftover in (Path(box.dir) / "glance" / "staging").glob(f"{image_id}*"):
+                leftover.unlink(missing_ok=True)

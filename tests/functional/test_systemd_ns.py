@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import wait_for
 from systemd_ns import (
     NsSystemd,
     add_system_user,
@@ -148,12 +149,8 @@ def test_systemd_boots_starts_a_notify_unit_and_leaves_nothing_behind(tmp_path, 
                              "StatusText": "listening"}, props
             assert listening(port), "the unit's listener is not on the host's loopback"
             assert ns.run("cat", "/var/lib/nsboot-selftest/alive").stdout == "yes"
-            for _ in range(50):  # journald may lag a little
-                if f"listening on {port}" in ns.journal("nsboot-selftest.service"):
-                    break
-                time.sleep(0.1)
-            else:
-                pytest.fail(f"not in the journal: {ns.journal('nsboot-selftest.service')!r}")
+            wait_for(lambda: f"listening on {port}" in ns.journal("nsboot-selftest.service"),
+                     timeout=5, message="the unit's line in the journal (journald may lag)")
             ns_sockets = socket_inodes(ns.pids())
             assert ns_sockets, "found no socket of the namespace to follow"
         res = ns.teardown

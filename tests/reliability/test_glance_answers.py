@@ -11,7 +11,6 @@ real outage) go to the RELIABILITY.md table. Every image made here is deleted at
 from __future__ import annotations
 
 import signal
-import sys
 import time
 import uuid
 from collections import Counter
@@ -19,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-import sandbox as sandbox_mod
 from faultproxy import (
     FaultProxy,
     drop_after,
@@ -31,7 +29,7 @@ from faultproxy import (
     unauthorized,
     unavailable,
 )
-from helpers import import_settled, stores_of, upload_image, wait_for
+from helpers import Images, connect, import_settled, stores_of, wait_for
 
 MIB = 1 << 20
 TROUBLE = "image in trouble: not asked about again for a while"
@@ -53,25 +51,6 @@ def policy_for(prefix: str, stores) -> str:
 # ---------------------------------------------------------------- fixtures and helpers
 
 
-class Images:
-    """Images a story made, deleted at the end (staging leftovers of a stopped Glance too)."""
-
-    def __init__(self):
-        self.made: list[tuple[object, object, str]] = []
-
-    def upload(self, box, conn, name: str, size: int = MIB):
-        image = upload_image(conn, size, name=name)
-        self.made.append((box, conn, image.id))
-        return image
-
-    def delete_all(self) -> None:
-        for box, conn, image_id in self.made:
-            try:
-                conn.image.delete_image(image_id, ignore_missing=True)
-            except Exception as exc:  # noqa: BLE001 (every image gets its chance)
-                print(f"could not delete image {image_id}: {exc}", file=sys.stderr)
-            for leftover in (Path(box.dir) / "glance" / "staging").glob(f"{image_id}*"):
-                leftover.unlink(missing_ok=True)
 
 
 @pytest.fixture
@@ -148,8 +127,8 @@ GET_FAULTS = {
 def test_an_image_glance_answers_badly_is_asked_about_on_a_backoff_and_converges_after(
         sandbox, admin_conn, proxy, images, daemon, prefix, tmp_path, scale, figures):
     # Given one image per kind of bad answer, and one calm image, all to be copied to slow
-    calm = images.upload(sandbox, admin_conn, f"{prefix}-calm")
-    troubled = {kind: images.upload(sandbox, admin_conn, f"{prefix}-{n}")
+    calm = images.upload(sandbox, admin_conn, MIB, f"{prefix}-calm")
+    troubled = {kind: images.upload(sandbox, admin_conn, MIB, f"{prefix}-{n}")
                 for n, kind in enumerate(GET_FAULTS)}
     rules = [proxy.add(make(troubled[kind].id)) for kind, make in GET_FAULTS.items()]
 
@@ -201,7 +180,7 @@ def test_an_image_glance_answers_badly_is_asked_about_on_a_backoff_and_converges
 def test_an_image_updated_ten_times_a_second_gets_no_more_than_its_share_of_requests(
         sandbox, admin_conn, proxy, images, daemon, prefix, tmp_path, scale, figures):
     # Given a daemon through the proxy, and an image it has copied
-    hot = images.upload(sandbox, admin_conn, f"{prefix}-hot")
+    hot = images.upload(sandbox, admin_conn, MIB, f"{prefix}-hot")
     d = daemon(policy_for(prefix, {"slow"}), through(proxy, sandbox, tmp_path)).start()
     wait_converged(admin_conn, d, [hot.id], {"slow"}, timeout=90)
     since = proxy.now()
@@ -248,7 +227,7 @@ IMPORT_FAULTS = {
 def test_a_lost_or_refused_answer_to_an_import_never_leads_to_a_second_import_or_an_attempt(
         sandbox, admin_conn, proxy, images, daemon, prefix, tmp_path, figures):
     # Given one image per kind of bad answer to its import; max_attempts 2
-    made = {kind: images.upload(sandbox, admin_conn, f"{prefix}-{n}")
+    made = {kind: images.upload(sandbox, admin_conn, MIB, f"{prefix}-{n}")
             for n, kind in enumerate(IMPORT_FAULTS)}
     rules = {kind: proxy.add(make(made[kind].id)) for kind, make in IMPORT_FAULTS.items()}
 
@@ -298,8 +277,8 @@ def test_failed_copies_of_deleted_images_and_unwanted_stores_end_and_a_copy_want
         sandbox, admin_conn, proxy, images, daemon, prefix, tmp_path, figures):
     # Given two copies to edge that failed for good: Glance refused each import twice with a
     # 400 that re-reading the image does not explain (max_attempts 2)
-    gone = images.upload(sandbox, admin_conn, f"{prefix}-gone")
-    kept = images.upload(sandbox, admin_conn, f"{prefix}-kept")
+    gone = images.upload(sandbox, admin_conn, MIB, f"{prefix}-gone")
+    kept = images.upload(sandbox, admin_conn, MIB, f"{prefix}-kept")
     for image in (gone, kept):
         proxy.add(error(400, method="POST", path="/import$", image_id=image.id, times=2))
     d = daemon(policy_for(prefix, {"edge"}),
@@ -343,7 +322,7 @@ def test_a_store_one_glance_node_lacks_is_tried_a_few_times_then_blocked_until_t
         sandbox, admin_conn, proxy, images, daemon, prefix, tmp_path, figures):
     # Given an image wanted in slow and edge, and a Glance API node that lacks edge answering
     # every import that names edge
-    image = images.upload(sandbox, admin_conn, f"{prefix}-edge")
+    image = images.upload(sandbox, admin_conn, MIB, f"{prefix}-edge")
     node = proxy.add(store_not_found("edge", image_id=image.id))
     options = through(proxy, sandbox, tmp_path, unknown_store_tries=3)
     options["reconcile"] = {"stores_cache_ttl": STORES_TTL}
@@ -425,15 +404,6 @@ def remove_partial_copies(box, ids) -> int:
     return removed
 
 
-def connect(box):
-    import openstack.config
-    import openstack.connection
-
-    region = openstack.config.OpenStackConfig(
-        config_files=[str(box.clouds_yaml)], load_envvars=False).get_one(sandbox_mod.CLOUD)
-    return openstack.connection.Connection(config=region)
-
-
 def copying_in_glance(box, ids) -> bool:
     """Glance is running an import of one of these images right now (its task is live)."""
     mine = ", ".join(f"'{i}'" for i in ids)
@@ -450,7 +420,7 @@ def test_a_glance_outage_longer_than_the_whole_backoff_ladder_fails_no_copy(
     # with short backoffs and max_attempts 1: a single attempt charged by the outage (an
     # import cut off, or refused while Glance was away) would fail a copy for good
     wanted = {"slow", "edge"}
-    made = [images.upload(box, conn, f"{prefix}-{n}", size=16 * MIB) for n in range(6)]
+    made = [images.upload(box, conn, 16 * MIB, f"{prefix}-{n}") for n in range(6)]
     ids = [i.id for i in made]
     with FaultProxy(box.glance_url) as proxy:
         d = daemon(policy_for(prefix, wanted),

@@ -23,7 +23,7 @@ import pytest
 
 import sandbox as sandbox_mod
 from daemon import Daemon, import_requests
-from helpers import import_settled, stores_of, upload_image, wait_for
+from helpers import Images, connect, import_settled, stores_of, wait_for
 
 MIB = 1 << 20
 WANTED = {"slow", "edge"}
@@ -43,37 +43,6 @@ def command(keyword: str) -> str:
 
 # ---------------------------------------------------------------- fixtures and helpers
 
-
-def connect(box):
-    """openstacksdk as the private sandbox's admin (as tests/conftest.py's _connect)."""
-    import openstack.config
-    import openstack.connection
-
-    region = openstack.config.OpenStackConfig(
-        config_files=[str(box.clouds_yaml)], load_envvars=False).get_one(sandbox_mod.CLOUD)
-    return openstack.connection.Connection(config=region)
-
-
-class Images:
-    """The images a story made, deleted (and their staging leftovers removed) at the end."""
-
-    def __init__(self):
-        self.made: list[tuple[object, object, str]] = []   # (sandbox, conn, image id)
-
-    def upload(self, box, conn, size: int, name: str):
-        image = upload_image(conn, size, name=name)
-        self.made.append((box, conn, image.id))
-        return image
-
-    def delete_all(self) -> None:
-        for box, conn, image_id in self.made:
-            try:
-                conn.image.delete_image(image_id, ignore_missing=True)
-            except Exception as exc:  # noqa: BLE001 (every image gets its chance)
-                print(f"could not delete image {image_id}: {exc}", file=sys.stderr)
-            # A glance-api killed mid-copy leaves a partial file in staging.
-            for leftover in (Path(box.dir) / "glance" / "staging").glob(f"{image_id}*"):
-                leftover.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")

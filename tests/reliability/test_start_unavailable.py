@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from daemon import Daemon
-from helpers import stores_of, upload_image, wait_for
+from helpers import connect, stores_of, upload_image, wait_for
 from notifysock import NotifySocket
 
 MIB = 1 << 20
@@ -63,13 +63,8 @@ def start_and_wait_ready(d: Daemon, notify: NotifySocket) -> int:
 
 def test_started_while_glance_is_down_the_worker_is_ready_and_syncs_once_glance_is_back(
         private_sandbox, tmp_path, prefix, notify, figures):
-    import openstack.config
-    import openstack.connection
-
     box = private_sandbox()
-    region = openstack.config.OpenStackConfig(
-        config_files=[str(box.clouds_yaml)], load_envvars=False).get_one("sandbox")
-    conn = openstack.connection.Connection(config=region)
+    conn = connect(box)
     image = upload_image(conn, MIB, name=f"{prefix}-a")
     box.stop_service("glance")
     d = Daemon(box, tmp_path / "d", policy(prefix), {"copy": {"backoff_cap": 4}})
