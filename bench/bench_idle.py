@@ -19,14 +19,14 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import LISTENER, RUNS, Section, get_sandbox, spread
+from bench.common import LISTENER, RUNS, Section, get_sandbox, scale, spread
 
 # isort: split
 # tests/ is on sys.path once bench.common is imported.
 from daemon import Daemon
 from helpers import wait_for
 
-WINDOW = float(os.environ.get("IMAGESYNC_BENCH_IDLE_WINDOW", "30"))
+WINDOW = float(os.environ.get("IMAGESYNC_BENCH_IDLE_WINDOW", str(scale(30, 5))))
 GOAL_PSS_MB = 150
 GOAL_CPU_PERCENT = 0.5  # "near zero": at most half a percent of one core
 TICK = os.sysconf("SC_CLK_TCK")

@@ -1,6 +1,6 @@
 """Imports per image: a burst of images that each need two more stores, at the default caps
-(4 imports, 2 per store), counted in Glance's own access log; and the staging reads that
-saves. Beside it, in the same run, the behaviour before one-import-per-image: send to the
+(4 imports, 2 per store), counted in the Glance API nodes' own access logs; and the staging
+reads that saves. Beside it, in the same run, the behaviour before one-import-per-image: send to the
 stores that have room at once (`[ledger] split_imports_after = 0`).
 
 Every copy-image import reads the whole image into Glance's staging area before writing
@@ -19,27 +19,34 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench.common import RUNS, Section, connect, get_sandbox, spread
+from bench.common import RUNS, Section, connect, get_sandbox, sandbox_mod, scale, spread
 
 from daemon import Daemon
 from helpers import upload_image, wait_for
 
-IMAGES = int(os.environ.get("IMAGESYNC_BENCH_BURST", "24"))   # images needing both stores
+# images needing both stores
+IMAGES = int(os.environ.get("IMAGESYNC_BENCH_BURST", str(scale(24, 3))))
 ONE_STORE = IMAGES // 3   # images in the same burst needing slow only: uneven store counts
 SIZE, TARGETS = 8 << 20, ["slow", "edge"]
 MODES = {"one import per image": {}, "before (split at once)": {"split_imports_after": 0}}
 _POST = re.compile(r"POST /v2/images/([0-9a-f-]{36})/import .*\(HTTP/1\.1 (\d{3})\)")
 
 
-def glance_imports(box, since: int) -> dict[str, list[int]]:
-    """image id -> HTTP statuses of its copy-image POSTs, from Glance's log after `since`."""
-    log = Path(box.dir) / "log" / "glance-uwsgi.log"
-    with open(log, "rb") as f:
-        f.seek(since)
-        text = f.read().decode(errors="replace")
+def log_ends(box) -> dict[str, int]:
+    """Where each Glance API node's access log ends now."""
+    return {node: box.node_log(node).stat().st_size for node in sandbox_mod.NODES}
+
+
+def glance_imports(box, since: dict[str, int]) -> dict[str, list[int]]:
+    """image id -> HTTP statuses of its copy-image POSTs, from the access logs of every
+    Glance API node (HAProxy spreads the requests over them) after `since` (log_ends)."""
     out: dict[str, list[int]] = collections.defaultdict(list)
-    for m in _POST.finditer(text):
-        out[m.group(1)].append(int(m.group(2)))
+    for node, offset in since.items():
+        with open(box.node_log(node), "rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+        for m in _POST.finditer(text):
+            out[m.group(1)].append(int(m.group(2)))
     return out
 
 
@@ -69,8 +76,7 @@ rules:
     d.start()
     wait_for(lambda: any(e.get("event") == "reconcile pass done" for e in d.logs()),
              timeout=300, message="the start-up reconcile pass")
-    log = Path(box.dir) / "log" / "glance-uwsgi.log"
-    since = log.stat().st_size
+    since = log_ends(box)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(8) as pool:   # the burst: every image wanted at once
         list(pool.map(lambda i: conn.image.add_tag(i, "go"), images))
@@ -99,9 +105,10 @@ def run() -> Section:
         f"{' and '.join(TARGETS)}, and {ONE_STORE} wanted in slow only, all at once (tagging "
         "them starts the burst; the slow-only ones make the per-store counts uneven), default "
         "caps (4 imports, 2 per store); copy-image POSTs Glance accepted (202) for the "
-        "two-store images, counted in its access log. Baseline: the same burst in the same "
-        "run with `[ledger] split_imports_after = 0`, which sends an image to the stores with "
-        "room at once, as imagesync did before (`python -m bench.bench_imports_per_image`).")
+        "two-store images, counted in the access logs of both Glance API nodes. Baseline: "
+        "the same burst in the same run with `[ledger] split_imports_after = 0`, which sends "
+        "an image to the stores with room at once, as imagesync did before "
+        "(`python -m bench.bench_imports_per_image`).")
     results: dict[str, list[dict]] = {m: [] for m in MODES}
     for _ in range(RUNS):
         for mode, options in MODES.items():

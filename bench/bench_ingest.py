@@ -1,6 +1,9 @@
 """Ingest: 50,000 Glance-shaped image.update notifications over 5,000 images, preloaded on
 the daemon's queue; imagesync's drain time (ledger writes included) versus a raw kombu
-consumer acking each message of the same messages on a queue of its own."""
+consumer acking each message of the same messages on a queue of its own.
+
+The messages are published as Glance publishes them (RabbitMQ user `glance`); both consumers
+read as imagesync's own RabbitMQ user, whose queues must be named imagesync*."""
 
 from __future__ import annotations
 
@@ -12,12 +15,12 @@ from pathlib import Path
 
 import kombu
 
-from bench.common import LISTENER, RUNS, Section, get_sandbox, spread
+from bench.common import LISTENER, RUNS, Section, get_sandbox, scale, spread
 
 from daemon import Daemon
 from helpers import wait_for
 
-MESSAGES, IMAGES = 50_000, 5_000
+MESSAGES, IMAGES = scale(50_000, 2_000), scale(5_000, 200)
 
 
 def envelope(image_id: str, n: int) -> str:
@@ -38,7 +41,8 @@ def amqp(url: str) -> str:
 
 
 def publish(url: str, queues: list[str]) -> None:
-    """Publish MESSAGES once to Glance's exchange; every bound queue gets a copy."""
+    """Publish MESSAGES once to Glance's exchange; every bound queue gets a copy.
+    `url`: Glance's RabbitMQ user (box.glance_transport_url), who may write to the exchange."""
     ids = [str(uuid.uuid4()) for _ in range(IMAGES)]
     exchange = kombu.Exchange("glance", type="topic", durable=False, auto_delete=False)
     # A busy broker applies flow control to a fast publisher: wait rather than time out.
@@ -77,7 +81,8 @@ def raw_drain(url: str, queue_name: str) -> float:
 
 def cleanup(url: str, pool: str) -> None:
     """Delete our pool queue and purge Glance's undrained default queue: every bound queue
-    gets a copy of each burst, and a broker under memory pressure blocks publishers."""
+    gets a copy of each burst, and a broker under memory pressure blocks publishers.
+    `url`: Glance's RabbitMQ user (imagesync's may not touch notifications.info)."""
     with kombu.Connection(amqp(url)) as conn:
         channel = conn.channel()
         for name, action in ((pool, "delete"), ("notifications.info", "purge")):
@@ -102,9 +107,10 @@ def daemon_drain(d: Daemon) -> float:
 def run() -> Section:
     box = get_sandbox()
     section = Section("Ingest", f"{MESSAGES:,} `image.update` notifications over {IMAGES:,} "
-                      "images preloaded on the daemon's pool queue; imagesync drains them "
-                      "(parse, coalesce, one ledger commit per batch) versus a raw kombu "
-                      "consumer that receives and acks each of the same messages "
+                      "images preloaded on the daemon's pool queue (published as Glance's RabbitMQ "
+                      "user); imagesync drains them (parse, coalesce, one ledger commit per "
+                      "batch) versus a raw kombu consumer that receives and acks each of the "
+                      "same messages, reading as imagesync's RabbitMQ user like the daemon "
                       "(`python bench/bench_ingest.py`).")
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     d = Daemon(box, work, "version: 1\nrules: []\n",
@@ -115,17 +121,17 @@ def run() -> Section:
     mine, raw = [], []
     try:
         for _ in range(RUNS):
-            raw_queue = f"bench-raw-{uuid.uuid4().hex[:6]}"
+            raw_queue = f"imagesync-bench-raw-{uuid.uuid4().hex[:6]}"
             try:
-                publish(box.transport_url, [d.pool, raw_queue])
+                publish(box.glance_transport_url, [d.pool, raw_queue])
                 raw.append(raw_drain(box.transport_url, raw_queue))
             finally:
-                cleanup(box.transport_url, raw_queue)
+                cleanup(box.glance_transport_url, raw_queue)
             mine.append(daemon_drain(d))
     finally:
         if d.proc and d.proc.poll() is None:
             d.stop()
-        cleanup(box.transport_url, d.pool)
+        cleanup(box.glance_transport_url, d.pool)
     rate = [MESSAGES / s for s in mine]
     raw_rate = [MESSAGES / s for s in raw]
     ratio = sorted(rate)[len(rate) // 2] / sorted(raw_rate)[len(raw_rate) // 2]

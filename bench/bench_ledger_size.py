@@ -13,12 +13,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import Section
+from bench.common import Section, scale
 from imagesync.ledger import Retention
 
 from unit.test_ledger_prune import Churn, simulate_churn  # tests/ is on sys.path (common)
 
-DAYS = 365
+DAYS = scale(365, 30)
 
 
 def run() -> Section:

@@ -14,22 +14,23 @@ from pathlib import Path
 import kombu
 
 from bench.bench_ingest import amqp, cleanup
-from bench.common import LISTENER, RUNS, Section, connect, get_sandbox, spread
+from bench.common import LISTENER, RUNS, Section, connect, get_sandbox, scale, spread
 
 from daemon import Daemon
 from helpers import upload_image, wait_for
 
-IMAGES = 50
+IMAGES = scale(50, 5)
 
 
 class ActivateClock:
-    """A raw kombu consumer on a queue of its own: when each image.activate arrived."""
+    """A raw kombu consumer on a queue of its own: when each image.activate arrived.
+    `url`: imagesync's RabbitMQ user, as the daemon reads (so the queue is imagesync*)."""
 
     def __init__(self, url: str):
         self.arrived: dict[str, float] = {}
         self.stop = threading.Event()
         exchange = kombu.Exchange("glance", type="topic", durable=False, auto_delete=False)
-        self.queue = kombu.Queue(f"bench-floor-{uuid.uuid4().hex[:6]}", exchange,
+        self.queue = kombu.Queue(f"imagesync-bench-floor-{uuid.uuid4().hex[:6]}", exchange,
                                  routing_key="notifications.info", durable=False,
                                  auto_delete=True)
         self.conn = kombu.Connection(amqp(url))
@@ -121,7 +122,7 @@ def run() -> Section:
         p99.append(percentile(mine, 99) * 1000)
         f50.append(percentile(floor, 50) * 1000)
         f99.append(percentile(floor, 99) * 1000)
-    cleanup(box.transport_url, d.pool)
+    cleanup(box.glance_transport_url, d.pool)
     d50 = sorted(a - b for a, b in zip(p50, f50, strict=True))[len(p50) // 2]
     d99 = sorted(a - b for a, b in zip(p99, f99, strict=True))[len(p99) // 2]
     section.row("p50 upload -> copy-image sent (ms)", spread(p50), spread(f50),

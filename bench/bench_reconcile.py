@@ -4,6 +4,12 @@ Builds the `bench-cat-` catalogue in the bench sandbox once (later runs only top
 then times each pass in a fresh subprocess, so peak RSS is per measurement:
 imagesync's Reconciler over a real Glance and a real ledger, and urllib paging the same
 two lists (visibility=all, then os_hidden=true) with json-decoding. Never asserts.
+
+Both go the way a client goes in production: a Keystone token of imagesync's user (admin
+of project `imagesync`), Glance's endpoint from the token's catalogue, HAProxy's TLS
+verified with the sandbox's CA, two Glance API nodes behind it. The catalogue is built
+with raw requests too, as real Keystone users: imagesync's own (its public images) and a
+member user of PROJECTS Keystone projects made for the catalogue (the other images).
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import json
 import math
 import os
 import resource
+import secrets
+import ssl
 import statistics
 import subprocess
 import sys
@@ -26,16 +34,18 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import ROOT, RUNS, Section, get_sandbox, spread
+from bench.common import ROOT, RUNS, Section, connect, get_sandbox, sandbox_mod, scale, spread
 
 PREFIX = "bench-cat-"
-CATALOGUE = 10_000
+CATALOGUE = scale(10_000, 400)
 WITH_DATA = 200        # images 0..199: 64 KiB of data in store fast, public
 DATA_SIZE = 64 * 1024
 HIDDEN = 100           # images 200..299: os_hidden=true
-PROJECTS = 20          # the other images belong to 20 projects (admin's own: public ones)
+PROJECTS = 20          # the other images belong to 20 projects (imagesync's own: public ones)
 BUILD_THREADS = 8
-ADMIN = "a0000000000000000000000000000adm"
+ADMIN = None           # the owner of the public images: imagesync's project (cloud `sandbox`)
+SEEDER = "bench-cat-seeder"   # a member of each of the PROJECTS projects
+USER = "imagesync"     # imagesync's Keystone user (cloud `sandbox`), admin of its project
 PAGE = 1000
 GOAL_RATIO = 1.5
 
@@ -75,10 +85,52 @@ def _spec(n: int) -> dict:
 
 
 def _project(n: int) -> str:
-    return f"be0c{n % PROJECTS:028x}"
+    """The name of the Keystone project owning image n (not one of imagesync's)."""
+    return f"{PREFIX}p{n % PROJECTS:02d}"
 
 
-def _http(url: str, method: str = "GET", body=None, headers=None, data: bytes | None = None):
+class Identities:
+    """Keystone tokens for the catalogue's owners, and the TLS context HAProxy needs.
+
+    imagesync's own cloud (`sandbox`) for its public images and for listing; for the other
+    images, SEEDER, a member of PROJECTS projects `bench-cat-pNN`, made here as Keystone's
+    bootstrap admin when missing (its password is reset each run: the sandbox keeps none)."""
+
+    def __init__(self, box):
+        import openstack
+
+        self.box, self.tls = box, ssl.create_default_context(cafile=str(box.cacert))
+        common = {"auth_url": box.keystone_url, "cacert": str(box.cacert),
+                  "region_name": sandbox_mod.REGION, "user_domain_name": "Default"}
+        admin = openstack.connect(username="admin", password=box.password("admin"),
+                                  project_name="admin", project_domain_name="Default", **common)
+        idn = admin.identity
+        domain = idn.find_domain("default", ignore_missing=False)
+        member = idn.find_role("member", ignore_missing=False)
+        password = secrets.token_hex(16)
+        user = idn.find_user(SEEDER, domain_id=domain.id)
+        user = (idn.update_user(user, password=password) if user else
+                idn.create_user(name=SEEDER, password=password, domain_id=domain.id))
+        self.sessions = {ADMIN: connect(box).session}
+        for i in range(PROJECTS):
+            name = _project(i)
+            project = (idn.find_project(name, domain_id=domain.id) or
+                       idn.create_project(name=name, domain_id=domain.id,
+                                          description="imagesync benchmark catalogue"))
+            idn.assign_project_role_to_user(project, user, member)
+            conn = openstack.connect(username=SEEDER, password=password,
+                                     project_id=project.id, **common)
+            self.sessions[name] = conn.session
+        for session in self.sessions.values():  # every token now, before the threads
+            session.get_token()
+
+    def headers(self, project: str | None = ADMIN) -> dict:
+        """X-Auth-Token of `project`'s user (keystoneauth renews it when it nears expiry)."""
+        return {"X-Auth-Token": self.sessions[project].get_token()}
+
+
+def _http(url: str, method: str = "GET", body=None, headers=None, data: bytes | None = None,
+          tls: ssl.SSLContext | None = None):
     headers = dict(headers or {})
     if body is not None:
         data = json.dumps(body).encode()
@@ -86,7 +138,7 @@ def _http(url: str, method: str = "GET", body=None, headers=None, data: bytes | 
     req = urllib.request.Request(url, data=data, method=method, headers=headers)
     for attempt in range(5):
         try:
-            with urllib.request.urlopen(req, timeout=120) as resp:
+            with urllib.request.urlopen(req, timeout=120, context=tls) as resp:
                 raw = resp.read()
                 return json.loads(raw) if raw else None
         except urllib.error.HTTPError as exc:
@@ -100,44 +152,44 @@ def _http(url: str, method: str = "GET", body=None, headers=None, data: bytes | 
     return None
 
 
-def list_all(base: str) -> list[dict]:
+def list_all(base: str, ids: Identities) -> list[dict]:
     """Every image an admin sees: visibility=all, then the hidden ones (plain paging)."""
     images = []
     for hidden in (False, True):
         path = f"/v2/images?limit={PAGE}&visibility=all" + ("&os_hidden=true" if hidden else "")
         while path:
-            body = _http(base + path)
+            body = _http(base + path, headers=ids.headers(), tls=ids.tls)
             images += body["images"]
             path = body.get("next")
     return images
 
 
-def _create(base: str, n: int) -> None:
+def _create(base: str, n: int, ids: Identities) -> None:
     spec = _spec(n)
-    headers = {"X-Project-Id": spec["project"],
-               "X-Roles": "admin,member,reader" if spec["project"] == ADMIN else "member,reader"}
+    headers = ids.headers(spec["project"])
     body = {"name": spec["name"], "disk_format": "raw", "container_format": "bare",
             "visibility": spec["visibility"], "tags": ["bench-catalogue"],
             "bench_index": str(n)}
     if spec["hidden"]:
         body["os_hidden"] = True
-    image = _http(f"{base}/v2/images", "POST", body, headers)
+    image = _http(f"{base}/v2/images", "POST", body, headers, tls=ids.tls)
     if spec["data"]:
-        _upload(base, image["id"], n, headers)
+        _upload(base, image["id"], n, headers, ids.tls)
 
 
-def _upload(base: str, image_id: str, n: int, headers: dict) -> None:
+def _upload(base: str, image_id: str, n: int, headers: dict, tls: ssl.SSLContext) -> None:
     data = (n.to_bytes(4, "big") * (DATA_SIZE // 4))[:DATA_SIZE]
     _http(f"{base}/v2/images/{image_id}/file", "PUT", data=data,
           headers={**headers, "Content-Type": "application/octet-stream",
-                   "X-Image-Meta-Store": "fast"})
+                   "X-Image-Meta-Store": "fast"}, tls=tls)
 
 
 def ensure_catalogue(box) -> dict:
     """Count the catalogue; create only what is missing. Returns figures about it."""
-    base = box.glance_url
+    base = box.glance_url   # HAProxy: the endpoint Keystone's catalogue names
     t0 = time.monotonic()
-    existing = [i for i in list_all(base) if (i.get("name") or "").startswith(PREFIX)]
+    ids = Identities(box)
+    existing = [i for i in list_all(base, ids) if (i.get("name") or "").startswith(PREFIX)]
     by_name: dict[str, list[dict]] = {}
     for image in existing:
         by_name.setdefault(image["name"], []).append(image)
@@ -152,14 +204,15 @@ def ensure_catalogue(box) -> dict:
           f"{len(doomed)} to delete", flush=True)
     with concurrent.futures.ThreadPoolExecutor(BUILD_THREADS) as pool:
         for image_id in doomed:
-            pool.submit(_http, f"{base}/v2/images/{image_id}", "DELETE").result()
-        futures = [pool.submit(_create, base, n) for n in missing]
+            pool.submit(_http, f"{base}/v2/images/{image_id}", "DELETE",
+                        headers=ids.headers(), tls=ids.tls).result()
+        futures = [pool.submit(_create, base, n, ids) for n in missing]
         for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
             future.result()
             if done % 1000 == 0:
                 rate = done / (time.monotonic() - t0)
                 print(f"  created {done}/{len(missing)} ({rate:.0f}/s)", flush=True)
-    everything = list_all(base)
+    everything = list_all(base, ids)
     figures = {"images": len(everything),
                "hidden": sum(1 for i in everything if i.get("os_hidden")),
                "active": sum(1 for i in everything if i.get("status") == "active"),
@@ -185,8 +238,31 @@ def _thread_cpu(native_id: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure_plain(base: str) -> dict:
-    """urllib GET limit=1000 following `next`, visibility=all then os_hidden=true."""
+def keystone_token(keystone_url: str, tls: ssl.SSLContext, password: str) -> tuple[str, str]:
+    """What a hand script does with urllib: a password token of imagesync's user, scoped to
+    its project, and Glance's internal endpoint from the token's catalogue."""
+    user, project = USER, sandbox_mod.USERS[USER][0]
+    body = {"auth": {"identity": {"methods": ["password"], "password": {"user": {
+        "name": user, "domain": {"name": "Default"}, "password": password}}},
+        "scope": {"project": {"name": project, "domain": {"name": "Default"}}}}}
+    req = urllib.request.Request(keystone_url + "/auth/tokens", data=json.dumps(body).encode(),
+                                 method="POST", headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60, context=tls) as resp:
+        token, catalog = resp.headers["X-Subject-Token"], json.loads(resp.read())
+    image = next(s for s in catalog["token"]["catalog"] if s["type"] == "image")
+    endpoint = next(e["url"] for e in image["endpoints"]
+                    if e["interface"] == "internal" and e["region_id"] == sandbox_mod.REGION)
+    return token, endpoint.rstrip("/")
+
+
+def measure_plain(keystone_url: str, cacert: str, password: str) -> dict:
+    """urllib GET limit=1000 following `next`, visibility=all then os_hidden=true, with a
+    Keystone token and TLS verified with the CA, to the catalogue's Glance endpoint
+    (HAProxy). The token is taken before the clock starts, as imagesync's is (in its
+    warm-up); each page is a new TLS connection, as urllib makes them."""
+    tls = ssl.create_default_context(cafile=cacert)
+    token, base = keystone_token(keystone_url, tls, password)
+    headers = {"X-Auth-Token": token}
     rss_before = _rss_kib()
     cpu = time.thread_time()
     t0 = time.perf_counter()
@@ -194,7 +270,8 @@ def measure_plain(base: str) -> dict:
     for hidden in (False, True):
         path = f"/v2/images?limit={PAGE}&visibility=all" + ("&os_hidden=true" if hidden else "")
         while path:
-            with urllib.request.urlopen(base + path, timeout=120) as resp:
+            req = urllib.request.Request(base + path, headers=headers)
+            with urllib.request.urlopen(req, timeout=120, context=tls) as resp:
                 body = json.loads(resp.read())
             requests += 1
             pages += 1
@@ -320,11 +397,13 @@ def _measure_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--measure", choices=["plain", "imagesync", "profile", "prime"])
     parser.add_argument("--workdir", type=Path)
-    parser.add_argument("--glance-url")
+    parser.add_argument("--keystone-url")
+    parser.add_argument("--cacert")
     parser.add_argument("--clouds")
     args = parser.parse_args(argv)
     if args.measure == "plain":
-        result = measure_plain(args.glance_url)
+        # The password comes in the environment, not on the command line.
+        result = measure_plain(args.keystone_url, args.cacert, os.environ["BENCH_OS_PASSWORD"])
     elif args.measure == "prime":
         result = _prime(args.workdir, args.clouds)
     else:
@@ -335,10 +414,11 @@ def _measure_main(argv: list[str]) -> None:
 
 def _subprocess(box, kind: str, workdir: Path) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--measure", kind,
-           "--workdir", str(workdir), "--glance-url", box.glance_url,
-           "--clouds", str(box.clouds_yaml)]
+           "--workdir", str(workdir), "--keystone-url", box.keystone_url,
+           "--cacert", str(box.cacert), "--clouds", str(box.clouds_yaml)]
+    env = dict(os.environ, BENCH_OS_PASSWORD=box.password(USER))
     done = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT,
-                          timeout=1800)
+                          timeout=1800, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"{kind} measurement exited {done.returncode}:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -349,16 +429,19 @@ def _subprocess(box, kind: str, workdir: Path) -> dict:
 
 def run() -> Section:
     section = Section(
-        "Reconcile: one full pass over 10,000 images",
+        f"Reconcile: one full pass over {CATALOGUE:,} images",
         f"The bench sandbox's Glance holds the `{PREFIX}` catalogue ({CATALOGUE:,} images: "
         f"{WITH_DATA} with {DATA_SIZE // 1024} KiB of data, {HIDDEN} hidden, the rest "
-        f"metadata-only in {PROJECTS} projects, every visibility) plus whatever other "
-        f"benchmarks left there. imagesync: `Reconciler.run_pass()` with `Glance.connect("
-        f"rate=1000)`, a real ledger in a temp dir already holding the previous pass (the "
-        f"steady state), and a two-rule policy (name `{PREFIX}*` with a tag no image has "
-        f"-> slow; `match: {{}}` -> fast). Baseline: urllib paging the same two lists "
-        f"(visibility=all, then os_hidden=true; limit={PAGE}, following `next`, json-decoding "
-        f"each page). Each measurement is a fresh process (so peak RSS is its own); "
+        f"metadata-only owned by {PROJECTS} Keystone projects, every visibility) plus "
+        f"whatever other benchmarks left there. imagesync: `Reconciler.run_pass()` with "
+        f"`Glance.connect(rate=1000)`, a real ledger in a temp dir already holding the "
+        f"previous pass (the steady state), and a two-rule policy (name `{PREFIX}*` with a "
+        f"tag no image has -> slow; `match: {{}}` -> fast). Baseline: urllib paging the same "
+        f"two lists (visibility=all, then os_hidden=true; limit={PAGE}, following `next`, "
+        f"json-decoding each page). Both as imagesync's Keystone user (password, project "
+        f"`imagesync`), to the Glance endpoint of Keystone's catalogue: HAProxy's TLS, two "
+        f"Glance API nodes; each takes its token before the clock starts. "
+        f"Each measurement is a fresh process (so peak RSS is its own); "
         f"{RUNS} runs of each, interleaved.")
     print(f"== {section.title}", flush=True)
     box = get_sandbox()

@@ -19,14 +19,14 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import RUNS, Section, spread
+from bench.common import RUNS, Section, scale, spread
 
-IMAGES = 20_000
+IMAGES = scale(20_000, 2_000)
 STORES = ("fast", "slow", "edge", "cold", "remote")
 # state -> share of copies; a settled cloud: most copies done, a few of everything else.
 STATE_MIX = (("done", 0.80), ("pending", 0.08), ("in_flight", 0.01), ("retrying", 0.03),
              ("failed", 0.03), ("cancelled", 0.05))
-STATUS_RUNS = max(RUNS, 5)
+STATUS_RUNS = max(RUNS, scale(5, 2))
 GOAL = 0.5
 
 
@@ -124,7 +124,7 @@ def import_top(config: Path, n: int = 5) -> list[tuple[str, float]]:
 
 def run() -> Section:
     section = Section(
-        "Status: `imagesync status` on 100,000 copies",
+        f"Status: `imagesync status` on {IMAGES * len(STORES):,} copies",
         f"A ledger of {IMAGES:,} images x {len(STORES)} stores = {IMAGES * len(STORES):,} "
         f"copies (80 % done, the rest pending, in flight, retrying, failed, cancelled), built "
         f"with `ledger.connect` and sqlite-utils. Each figure is the wall time of a whole "

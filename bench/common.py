@@ -3,6 +3,14 @@
 Every benchmark measures imagesync beside a baseline run in the same process or
 the same run, so the ratios hold on a noisy machine. No assertions here: the
 figures go to BENCHMARKS.md.
+
+The sandbox is production-shaped (tools/sandbox.py): Keystone, two Glance API nodes behind
+HAProxy with TLS. Baselines go the same way imagesync does: a Keystone token, Glance's
+endpoint from the catalogue, TLS verified with the sandbox's CA.
+
+IMAGESYNC_BENCH_QUICK=1 runs every benchmark at its smallest scale, to prove it runs (a
+smoke run): its figures mean nothing, and `bench.run` then prints instead of writing
+BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -19,7 +27,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 import sandbox as sandbox_mod  # noqa: E402
 
 BENCH_DIR = Path(os.environ.get("IMAGESYNC_BENCH_DIR", ROOT / ".sandbox-bench"))
-RUNS = int(os.environ.get("IMAGESYNC_BENCH_RUNS", "3"))
+QUICK = os.environ.get("IMAGESYNC_BENCH_QUICK", "") not in ("", "0")
+RUNS = int(os.environ.get("IMAGESYNC_BENCH_RUNS", "1" if QUICK else "3"))
 # The daemon's listener defaults unless the environment says otherwise (to compare settings).
 LISTENER = {k: v for k, v in (
     ("batch_size", os.environ.get("IMAGESYNC_BENCH_BATCH_SIZE")),
@@ -43,16 +52,20 @@ def get_sandbox() -> sandbox_mod.Sandbox:
     return box
 
 
-def connect(box, headers=None):
+def scale(full: int, quick: int) -> int:
+    """`full`, or `quick` in a smoke run (IMAGESYNC_BENCH_QUICK=1)."""
+    return quick if QUICK else full
+
+
+def connect(box, cloud: str = sandbox_mod.CLOUD):
+    """openstacksdk as one of the sandbox's clouds.yaml clouds (default: imagesync's own,
+    admin of project `imagesync`); Glance comes from Keystone's catalogue, through HAProxy."""
     import openstack.config
     import openstack.connection
 
     region = openstack.config.OpenStackConfig(
-        config_files=[str(box.clouds_yaml)], load_envvars=False).get_one(sandbox_mod.CLOUD)
-    conn = openstack.connection.Connection(config=region)
-    if headers:
-        conn.session.additional_headers.update(headers)
-    return conn
+        config_files=[str(box.clouds_yaml)], load_envvars=False).get_one(cloud)
+    return openstack.connection.Connection(config=region)
 
 
 def spread(values) -> str:

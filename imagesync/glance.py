@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from keystoneauth1 import exceptions as ks_exc
+from openstack import exceptions as sdk_exc
 
 from imagesync.model import Image
 from imagesync.planner import StoreInfo
@@ -131,6 +132,16 @@ def _never_connected(exc: BaseException) -> bool:
     return False
 
 
+def _tls_problem(exc: BaseException, what: str) -> GlanceMisconfigured:
+    """A TLS failure is a configuration problem (the CA file), said as such, not an outage."""
+    if isinstance(exc, ks_exc.SSLError):
+        why = "cannot verify its TLS certificate"
+    else:   # requests raises a bare OSError when the CA file is missing
+        why = "cannot read the CA file"
+    return GlanceMisconfigured(None, f"{what}: {why}: check `cacert` in clouds.yaml "
+                                     f"({_first_line(exc)})")
+
+
 def _epoch(value: str | None) -> float | None:
     if not value:
         return None
@@ -201,10 +212,20 @@ class Glance:
         versions, which must not crash a worker that starts while Glance is down."""
         if self._proxy is None:
             try:
-                self._proxy = self.conn.image
+                proxy = self.conn.image
+                proxy.request   # noqa: B018 - a service missing from the catalog raises here
+                self._proxy = proxy
+            except ks_exc.SSLError as exc:
+                raise _tls_problem(exc, "Glance") from exc
             except ks_exc.ClientException as exc:
                 raise GlanceUnavailable(None, f"Glance unreachable: {_first_line(exc)}",
                                         maybe_sent=False) from exc
+            except sdk_exc.SDKException as exc:   # no image endpoint for interface/region
+                if self._connector is not None:
+                    self._conn = None   # the SDK keeps the disabled service: start afresh
+                raise GlanceMisconfigured(None, f"no usable Glance endpoint in Keystone's "
+                                                f"catalog (check interface and region_name "
+                                                f"in clouds.yaml): {_first_line(exc)}") from exc
         return self._proxy
 
     @proxy.setter
@@ -228,9 +249,13 @@ class Glance:
         try:
             resp = self.proxy.request(path, method, raise_exc=False, connect_retries=0,
                                       status_code_retries=0, **kw)
+        except ks_exc.SSLError as exc:
+            raise _tls_problem(exc, "Glance") from exc
         except ks_exc.ClientException as exc:
             raise GlanceUnavailable(None, f"Glance unreachable: {_first_line(exc)}",
                                     maybe_sent=not _never_connected(exc)) from exc
+        except OSError as exc:
+            raise _tls_problem(exc, "Glance") from exc
         status = resp.status_code
         if status == 401:
             raise CredentialsRejected(401, f"Glance refused imagesync's token: "
@@ -249,6 +274,8 @@ class Glance:
             return
         try:
             session.get_auth_headers()
+        except ks_exc.SSLError as exc:
+            raise _tls_problem(exc, "Keystone") from exc
         except (ks_exc.ConnectionError, ks_exc.DiscoveryFailure) as exc:
             raise KeystoneUnavailable(None, f"Keystone unreachable: {_first_line(exc)}") \
                 from exc
@@ -261,6 +288,8 @@ class Glance:
         except ks_exc.ClientException as exc:   # no token in the answer, bad auth options
             raise CredentialsRejected(None, f"cannot authenticate with Keystone: "
                                             f"{_first_line(exc)}") from exc
+        except OSError as exc:
+            raise _tls_problem(exc, "Keystone") from exc
 
     def _json(self, path: str, ok=(200,)) -> Any:
         resp = self._request("GET", path)

@@ -27,7 +27,13 @@ from imagesync import metrics as metrics_mod
 from imagesync import systemd
 from imagesync.backoff import compute_backoff
 from imagesync.executor import Caps, Executor, PolicyHolder
-from imagesync.glance import Glance, GlanceError, GlanceMisconfigured
+from imagesync.glance import (
+    CredentialsRejected,
+    Glance,
+    GlanceError,
+    GlanceMisconfigured,
+    KeystoneUnavailable,
+)
 from imagesync.ledger import Ledger, LedgerError
 from imagesync.listener import Endpoint, Listener
 from imagesync.planner import Settings
@@ -75,7 +81,7 @@ def choose_policy(conf, ledger, known_stores) -> Policy:
     for warning in policy.warnings:
         log.warning("policy warning", problem=str(warning))
     if known_stores is None:
-        log.warning("Glance unreachable: store names in the policy not checked", file=path)
+        log.warning("store list unavailable: store names in the policy not checked", file=path)
     try:
         ledger.save_policy(path, policy.text, time.time())
     except LedgerError as exc:  # it runs; it just cannot be the fallback until saved
@@ -115,6 +121,13 @@ class ImagesyncService(oslo_service.Service):
         except GlanceMisconfigured as exc:
             log.error("cannot set up the Glance client; fix clouds.yaml or [imagesync] cloud, "
                       "then reload", error=str(exc), cloud=conf.imagesync.cloud)
+            known = None
+        except KeystoneUnavailable as exc:
+            log.warning("Keystone unreachable at start", error=str(exc))
+            known = None
+        except CredentialsRejected as exc:
+            log.error("credentials rejected at start", error=str(exc),
+                      cloud=conf.imagesync.cloud)
             known = None
         except GlanceError as exc:
             log.warning("Glance unreachable at start", error=str(exc))

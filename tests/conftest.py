@@ -1,4 +1,5 @@
-"""Session fixtures over the real sandbox (RabbitMQ + MariaDB + Glance on loopback).
+"""Session fixtures over the real sandbox (Keystone, two Glance API nodes behind HAProxy with
+TLS, RabbitMQ, MariaDB on loopback; tools/sandbox.py).
 
 A test that uses them FAILS when the sandbox cannot start: never a skip. Set
 IMAGESYNC_SANDBOX_DIR to a running sandbox (tools/sandbox.py up) to reuse it
@@ -20,9 +21,6 @@ sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import sandbox as sandbox_mod  # noqa: E402
-
-ADMIN_PROJECT = sandbox_mod.ADMIN_PROJECT
-OTHER_PROJECT = "b0000000000000000000000000000b0b"
 
 
 def _listening(port: int) -> bool:
@@ -46,45 +44,52 @@ def sandbox(tmp_path_factory):
     except Exception as exc:  # the suite must fail loudly, not skip
         pytest.fail(f"the sandbox could not start: {exc}", pytrace=False)
     yield box
-    ports = [box.state["glance"]["port"], box.state["rabbit"]["port"],
-             box.state["mariadb"]["port"], box.state["rabbit"]["dist_port"],
-             box.state["rabbit"]["epmd_port"]]
+    ports = listening_ports(box)
     box.down()
     still = [p for p in ports if _listening(p)]
     assert not still, f"ports still listening after the sandbox stopped: {still}"
     assert not any(box.running().values()), f"processes left: {box.running()}"
 
 
-def _connect(box, headers=None):
+def listening_ports(box) -> list[int]:
+    """Every port a sandbox's services listen on."""
+    st = box.state
+    return [st["rabbit"]["port"], st["rabbit"]["dist_port"], st["rabbit"]["epmd_port"],
+            st["mariadb"]["port"], st["keystone"]["port"], st["haproxy"]["glance_port"],
+            st["haproxy"]["keystone_port"], *(st[n]["port"] for n in sandbox_mod.NODES)]
+
+
+def _connect(box, cloud: str = sandbox_mod.CLOUD):
     import openstack.config
     import openstack.connection
 
     region = openstack.config.OpenStackConfig(
-        config_files=[str(box.clouds_yaml)], load_envvars=False).get_one(sandbox_mod.CLOUD)
-    conn = openstack.connection.Connection(config=region)
-    if headers:
-        conn.session.additional_headers.update(headers)
-    return conn
+        config_files=[str(box.clouds_yaml)], load_envvars=False).get_one(cloud)
+    return openstack.connection.Connection(config=region)
 
 
 @pytest.fixture(scope="session")
 def admin_conn(sandbox):
-    """openstacksdk as the sandbox's default identity: admin of ADMIN_PROJECT."""
+    """openstacksdk as imagesync's Keystone user: admin of project `imagesync`."""
     return _connect(sandbox)
 
 
 @pytest.fixture(scope="session")
 def other_admin_conn(sandbox):
-    """openstacksdk as an admin of another project (its images are owned by OTHER_PROJECT)."""
-    return _connect(sandbox, {"X-Project-Id": OTHER_PROJECT, "X-User-Id": "other-admin",
-                              "X-Roles": "admin,member,reader"})
+    """openstacksdk as `owner-a`, admin of project tenant-a (its images are tenant-a's)."""
+    return _connect(sandbox, "sandbox-owner")
 
 
 @pytest.fixture(scope="session")
 def member_conn(sandbox):
-    """openstacksdk as a plain member of OTHER_PROJECT (no admin role)."""
-    return _connect(sandbox, {"X-Project-Id": OTHER_PROJECT, "X-User-Id": "member",
-                              "X-Roles": "member,reader"})
+    """openstacksdk as `member-a`, a plain member of tenant-a (no admin role)."""
+    return _connect(sandbox, "sandbox-member")
+
+
+@pytest.fixture(scope="session")
+def other_project(sandbox) -> str:
+    """The id of tenant-a, the project other_admin_conn and member_conn act in."""
+    return sandbox.projects["tenant-a"]
 
 
 @pytest.fixture(scope="session")

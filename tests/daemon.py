@@ -157,7 +157,11 @@ class Daemon:
 
 
 def import_requests(sandbox, image_id: str) -> int:
-    """copy-image requests Glance received for one image, read from Glance's own access log."""
-    log = Path(sandbox.dir) / "log" / "glance-uwsgi.log"
+    """copy-image requests Glance received for one image, read from the access logs of every
+    Glance API node."""
+    import sandbox as sandbox_mod
+
     pattern = f"POST /v2/images/{image_id}/import "
-    return sum(1 for line in log.read_text(errors="replace").splitlines() if pattern in line)
+    return sum(1 for node in sandbox_mod.NODES
+               for line in sandbox.node_log(node).read_text(errors="replace").splitlines()
+               if pattern in line)

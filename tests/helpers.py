@@ -83,6 +83,6 @@ class Images:
                 conn.image.delete_image(image_id, ignore_missing=True)
             except Exception as exc:  # noqa: BLE001 (every image gets its chance)
                 print(f"could not delete image {image_id}: {exc}", file=sys.stderr)
-            # A glance-api killed mid-copy leaves a partial file in staging.
-            for leftover in (Path(box.dir) / "glance" / "staging").glob(f"{image_id}*"):
+            # A Glance API node killed mid-copy leaves a partial file in its staging area.
+            for leftover in (Path(box.dir) / "glance").glob(f"*/staging/{image_id}*"):
                 leftover.unlink(missing_ok=True)

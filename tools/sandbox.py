@@ -1,26 +1,36 @@
 #!/usr/bin/env python3
-"""A real RabbitMQ + MariaDB + Glance 33 on loopback, for tests, demos and benchmarks.
+"""A production-shaped OpenStack image service on loopback, for tests, demos and benchmarks.
 
-    python3 tools/sandbox.py install          # apt packages + Glance's own virtualenv
+    python3 tools/sandbox.py install          # apt packages + Glance's and Keystone's virtualenvs
     python3 tools/sandbox.py up [--dir D]     # start everything on free ports
     python3 tools/sandbox.py env|status|down [--dir D]
 
+The shape operators run: Keystone 30 (fernet tokens, uWSGI) and two Glance 33 API nodes
+(uWSGI, keystonemiddleware, the stock API policy) behind one HAProxy that terminates TLS with
+a certificate from the sandbox's own CA; RabbitMQ with a vhost and a user per service (no
+guest); MariaDB holding Keystone's and Glance's databases. imagesync reaches Glance through
+Keystone's catalog, as in production.
+
 Standard library only (it runs before any virtualenv exists). Every service keeps
 its state and log under the sandbox directory, listens on 127.0.0.1 only, and is
-stopped by PID. Glance runs in its own virtualenv so its pins never meet ours.
+stopped by PID. Glance and Keystone run in virtualenvs of their own.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
 import json
 import os
 import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -28,17 +38,31 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 # systemd, dbus, python3-venv, util-linux, passwd: the real systemd the unit tests boot in
 # namespaces (dbus for `systemd-analyze security`), and the unit's /opt/imagesync venv.
-APT_PACKAGES = ("rabbitmq-server", "mariadb-server", "libmariadb-dev", "systemd", "dbus",
-                "python3-venv", "util-linux", "passwd")
+APT_PACKAGES = ("rabbitmq-server", "mariadb-server", "libmariadb-dev", "haproxy", "openssl",
+                "systemd", "dbus", "python3-venv", "util-linux", "passwd")
 GLANCE_PIP = ("glance>=33,<34", "uwsgi>=2.0.28", "mysqlclient>=2.2")
+KEYSTONE_PIP = ("keystone>=30,<31", "uwsgi>=2.0.28", "mysqlclient>=2.2")
 CACHE = Path(os.environ.get("IMAGESYNC_SANDBOX_CACHE", Path.home() / ".cache/imagesync-sandbox"))
 GLANCE_VENV = CACHE / "glance-venv"
+KEYSTONE_VENV = CACHE / "keystone-venv"
 DEFAULT_DIR = HERE.parent / ".sandbox"
 STORES = ("fast", "slow", "edge")
-ADMIN_PROJECT = "a0000000000000000000000000000adm"
-MEMBER_PROJECT = "c0000000000000000000000000000c0c"
-CLOUD = "sandbox"
+NODES = ("glance1", "glance2")      # two Glance API nodes behind HAProxy
+REGION = "RegionOne"
+CLOUD = "sandbox"                   # imagesync's own cloud: admin on project `imagesync`
+# Keystone users: name -> (project, role). Passwords are random per sandbox.
+USERS = {
+    "glance": ("service", "admin"),        # keystonemiddleware's service user
+    "imagesync": ("imagesync", "admin"),   # copy-image needs the admin role
+    "owner-a": ("tenant-a", "admin"),      # an image owner allowed to make images public
+    "member-a": ("tenant-a", "member"),
+    "member-b": ("tenant-b", "member"),
+}
+# clouds.yaml entries other than CLOUD: cloud name -> Keystone user.
+CLOUDS = {"sandbox-owner": "owner-a", "sandbox-member": "member-a",
+          "sandbox-member-b": "member-b"}
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
+VHOST = "openstack"
 
 
 class SandboxError(RuntimeError):
@@ -127,6 +151,19 @@ def stop_pid(pid: int | None, name: str, timeout: float = 20.0) -> None:
 # ---------------------------------------------------------------- install
 
 
+def _venv(path: Path, packages: tuple[str, ...]) -> None:
+    marker = path / ".imagesync-sandbox"
+    wanted = "\n".join(packages)
+    if marker.exists() and marker.read_text() == wanted:
+        return
+    log(f"building a virtualenv in {path}")
+    shutil.rmtree(path, ignore_errors=True)
+    run([sys.executable, "-m", "venv", path])
+    run([path / "bin/pip", "install", "-q", "--upgrade", "pip"], capture_output=True)
+    run([path / "bin/pip", "install", "-q", *packages], capture_output=True)
+    marker.write_text(wanted)
+
+
 def install() -> None:
     """Install what is missing; quick when everything is there."""
     missing = [p for p in APT_PACKAGES
@@ -137,15 +174,33 @@ def install() -> None:
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
         run(["apt-get", "update", "-qq"], env=env)
         run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], env=env)
-    marker = GLANCE_VENV / ".imagesync-sandbox"
-    wanted = "\n".join(GLANCE_PIP)
-    if not marker.exists() or marker.read_text() != wanted:
-        log(f"building Glance's virtualenv in {GLANCE_VENV}")
-        shutil.rmtree(GLANCE_VENV, ignore_errors=True)
-        run([sys.executable, "-m", "venv", GLANCE_VENV])
-        run([GLANCE_VENV / "bin/pip", "install", "-q", "--upgrade", "pip"])
-        run([GLANCE_VENV / "bin/pip", "install", "-q", *GLANCE_PIP])
-        marker.write_text(wanted)
+    errors: list[BaseException] = []
+
+    def build(path: Path, packages: tuple[str, ...]) -> None:
+        try:
+            _venv(path, packages)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=build, args=a)
+               for a in ((GLANCE_VENV, GLANCE_PIP), (KEYSTONE_VENV, KEYSTONE_PIP))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+def _rabbit_hash(password: str) -> str:
+    """RabbitMQ's rabbit_password_hashing_sha256: base64(salt + sha256(salt + password))."""
+    salt = secrets.token_bytes(4)
+    return base64.b64encode(salt + hashlib.sha256(salt + password.encode()).digest()).decode()
+
+
+def _ini(sections: dict[str, dict[str, str]]) -> str:
+    return "".join(f"[{name}]\n" + "".join(f"{k} = {v}\n" for k, v in opts.items()) + "\n"
+                   for name, opts in sections.items())
 
 
 # ---------------------------------------------------------------- services
@@ -154,21 +209,55 @@ def install() -> None:
 class Sandbox:
     """One sandbox directory: its config, state file, services and logs."""
 
+    SERVICES = ("rabbit", "mariadb", "keystone", *NODES, "haproxy")
+
     def __init__(self, directory: Path | str = DEFAULT_DIR):
         self.dir = Path(directory).resolve()
         self.state_file = self.dir / "sandbox.json"
         self.state: dict = (json.loads(self.state_file.read_text())
                             if self.state_file.exists() else {})
+        self._lock = threading.Lock()   # services start in threads; each saves the state
 
     # -- public
 
     @property
     def glance_url(self) -> str:
-        return f"http://127.0.0.1:{self.state['glance']['port']}"
+        """Glance as clients reach it: HAProxy's TLS frontend (the catalog's endpoint)."""
+        return f"https://127.0.0.1:{self.state['haproxy']['glance_port']}"
+
+    @property
+    def keystone_url(self) -> str:
+        return f"https://127.0.0.1:{self.state['haproxy']['keystone_port']}/v3"
+
+    def node_url(self, node: str) -> str:
+        """One Glance API node, directly (plain HTTP, no load balancer)."""
+        return f"http://127.0.0.1:{self.state[node]['port']}"
+
+    @property
+    def cacert(self) -> Path:
+        return self.dir / "tls" / "ca.pem"
+
+    @property
+    def projects(self) -> dict[str, str]:
+        """Keystone project name -> id."""
+        return dict(self.state["keystone"]["projects"])
+
+    def password(self, user: str) -> str:
+        return self.state["keystone"]["passwords"][user]
+
+    def rabbit_url(self, user: str = "imagesync") -> str:
+        r = self.state["rabbit"]
+        return f"rabbit://{user}:{r['passwords'][user]}@127.0.0.1:{r['port']}/{VHOST}"
 
     @property
     def transport_url(self) -> str:
-        return f"rabbit://guest:guest@127.0.0.1:{self.state['rabbit']['port']}/"
+        """imagesync's own RabbitMQ user: reads Glance's exchange, owns queues imagesync*."""
+        return self.rabbit_url("imagesync")
+
+    @property
+    def glance_transport_url(self) -> str:
+        """Glance's RabbitMQ user: what tests use to publish as Glance does."""
+        return self.rabbit_url("glance")
 
     @property
     def clouds_yaml(self) -> Path:
@@ -179,34 +268,55 @@ class Sandbox:
             "OS_CLIENT_CONFIG_FILE": str(self.clouds_yaml),
             "OS_CLOUD": CLOUD,
             "IMAGESYNC_GLANCE_URL": self.glance_url,
+            "IMAGESYNC_KEYSTONE_URL": self.keystone_url,
+            "IMAGESYNC_CACERT": str(self.cacert),
             "IMAGESYNC_TRANSPORT_URL": self.transport_url,
             "IMAGESYNC_SANDBOX_DIR": str(self.dir),
         }
 
     def running(self) -> dict[str, bool]:
-        return {name: pid_alive(self.state.get(name, {}).get("pid"))
-                for name in ("rabbit", "mariadb", "glance")}
+        return {name: pid_alive(self.state.get(name, {}).get("pid")) for name in self.SERVICES}
 
-    def up(self, glance_options: dict[str, dict[str, str]] | None = None) -> Sandbox:
+    def up(self, glance_options: dict[str, dict[str, str]] | None = None,
+           token_expiration: int | None = None, lonely_store: str | None = None) -> Sandbox:
+        """Start everything. `glance_options` add to both nodes' glance-api.conf;
+        `token_expiration` is Keystone's token lifetime in seconds (default 3600);
+        `lonely_store` is enabled on glance1 only, as an edge site's store is."""
         if any(self.running().values()):
             raise SandboxError(f"sandbox in {self.dir} is already running; run 'down' first")
         install()
-        for sub in ("log", "etc", "run", "rabbit", "mariadb", "glance/staging", "glance/tasks",
-                    "glance/locks", *(f"glance/stores/{s}" for s in STORES)):
+        for sub in ("log", "etc", "rabbit", "mariadb", "keystone", "tls", "haproxy",
+                    *(f"glance/{n}/{d}" for n in NODES for d in ("staging", "tasks", "locks")),
+                    *(f"glance/stores/{s}" for s in STORES)):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
-        # A restarted sandbox keeps its ports, passwords and database; only PIDs are new.
+        # A restarted sandbox keeps its ports, passwords, keys and databases; only PIDs are new.
         self.state["glance_options"] = glance_options or self.state.get("glance_options", {})
+        self.state.setdefault("token_expiration", token_expiration or 3600)
+        if token_expiration:
+            self.state["token_expiration"] = token_expiration
+        self.state.setdefault("lonely_store", lonely_store)
+        self._allocate()
         t0 = time.monotonic()
         try:
-            self._start_rabbit()
+            rabbit = self._in_thread(self._start_rabbit)
+            self._make_tls()
             self._start_mariadb()
-            self._start_glance()
+            self._prepare_keystone_and_glance()
+            self._start_keystone()
+            self._start_haproxy()
+            nodes = [self._in_thread(self._start_glance, n) for n in NODES]
+            self._wait_keystone()
+            self._seed()
+            for t in (*nodes, rabbit):
+                t.result()
+            self._wait_haproxy()
         except BaseException:
             self.down()
             raise
         self._write_clouds_yaml()
-        log(f"up in {time.monotonic() - t0:.1f}s: Glance {self.glance_url}, "
-            f"RabbitMQ 127.0.0.1:{self.state['rabbit']['port']}")
+        log(f"up in {time.monotonic() - t0:.1f}s: Glance {self.glance_url} (nodes "
+            f"{', '.join(self.node_url(n) for n in NODES)}), Keystone {self.keystone_url}, "
+            f"RabbitMQ 127.0.0.1:{self.state['rabbit']['port']}/{VHOST}")
         return self
 
     def down(self) -> None:
@@ -214,9 +324,9 @@ class Sandbox:
         if rabbit and pid_alive(rabbit.get("pid")):
             run([RABBIT_BIN / "rabbitmqctl", "stop"], env=self._rabbit_env(), check=False,
                 capture_output=True, timeout=60)
-        for name in ("glance", "mariadb", "rabbit"):
+        for name in (*NODES, "haproxy", "keystone", "mariadb", "rabbit"):
             stop_pid(self.state.get(name, {}).get("pid"), name)
-        if rabbit:
+        if rabbit and rabbit.get("epmd_port"):
             run(["epmd", "-port", rabbit["epmd_port"], "-kill"], check=False, capture_output=True,
                 env=dict(os.environ, ERL_EPMD_ADDRESS="127.0.0.1"))
             stop_pid(self._epmd_pid(rabbit["epmd_port"]), "epmd", timeout=5)
@@ -228,15 +338,104 @@ class Sandbox:
         self.stop_service(name)
         self.start_service(name)
 
+    def _names(self, name: str) -> tuple[str, ...]:
+        """"glance" is every Glance API node (a Glance outage); a node name is one node."""
+        names = NODES if name == "glance" else (name,)
+        unknown = [n for n in names if n not in self.SERVICES]
+        if unknown:
+            raise SandboxError(f"no service {unknown[0]!r}; known: glance, "
+                               f"{', '.join(self.SERVICES)}")
+        return names
+
     def stop_service(self, name: str) -> None:
-        if name == "rabbit":
-            run([RABBIT_BIN / "rabbitmqctl", "stop"], env=self._rabbit_env(), check=False,
-                capture_output=True, timeout=60)
-        stop_pid(self.state[name]["pid"], name)
+        for n in self._names(name):
+            if n == "rabbit":
+                run([RABBIT_BIN / "rabbitmqctl", "stop"], env=self._rabbit_env(), check=False,
+                    capture_output=True, timeout=60)
+            stop_pid(self.state[n]["pid"], n)
 
     def start_service(self, name: str) -> None:
-        {"rabbit": self._start_rabbit, "mariadb": self._start_mariadb,
-         "glance": self._start_glance}[name]()
+        names = self._names(name)
+        starts = {"rabbit": self._start_rabbit, "mariadb": self._start_mariadb,
+                  "haproxy": self._start_haproxy}
+        if "keystone" in names:
+            self._start_keystone()
+            self._wait_keystone()
+        for t in [self._in_thread(self._start_glance, n) for n in names if n in NODES]:
+            t.result()
+        for n in names:
+            if n in starts:
+                starts[n]()
+
+    def node_log(self, node: str) -> Path:
+        """uWSGI's request log of one Glance API node (one line per request)."""
+        return self.dir / "log" / f"{node}-uwsgi.log"
+
+    # -- plumbing
+
+    class _Job(threading.Thread):
+        def __init__(self, fn, *args):
+            super().__init__(daemon=True)
+            self.fn, self.args, self.error = fn, args, None
+
+        def run(self):
+            try:
+                self.fn(*self.args)
+            except BaseException as exc:  # noqa: BLE001 - raised by result()
+                self.error = exc
+
+        def result(self):
+            self.join()
+            if self.error is not None:
+                raise self.error
+
+    def _in_thread(self, fn, *args) -> Sandbox._Job:
+        job = self._Job(fn, *args)
+        job.start()
+        return job
+
+    def _allocate(self) -> None:
+        """Ports and secrets, chosen once per sandbox directory."""
+        st = self.state
+        if "rabbit" not in st:
+            port = free_port()
+            st["rabbit"] = {"port": port, "dist_port": free_port(), "epmd_port": free_port(),
+                            "nodename": f"imagesync{port}@localhost",
+                            "passwords": {u: secrets.token_hex(12)
+                                          for u in ("admin", "glance", "imagesync")}}
+        st.setdefault("mariadb", {"port": free_port(), "passwords": {
+            "glance": secrets.token_hex(12), "keystone": secrets.token_hex(12)}})
+        st.setdefault("keystone", {"port": free_port(), "passwords": {
+            u: secrets.token_hex(12) for u in ("admin", *USERS)}})
+        for n in NODES:
+            st.setdefault(n, {"port": free_port()})
+        st.setdefault("haproxy", {"glance_port": free_port(), "keystone_port": free_port()})
+        self._save()
+
+    # -- TLS
+
+    def _make_tls(self) -> None:
+        """A CA of the sandbox's own and a server certificate for 127.0.0.1/localhost, signed
+        by it; HAProxy serves the certificate, clients trust the CA (clouds.yaml `cacert`)."""
+        tls = self.dir / "tls"
+        if (tls / "haproxy.pem").exists():
+            return
+        days = "3650"
+        run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", days,
+             "-subj", "/CN=imagesync sandbox CA", "-keyout", tls / "ca.key",
+             "-out", tls / "ca.pem"], capture_output=True)
+        (tls / "server.ext").write_text(
+            "subjectAltName = IP:127.0.0.1, DNS:localhost\n"
+            "extendedKeyUsage = serverAuth\nkeyUsage = digitalSignature, keyEncipherment\n")
+        run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+             "-keyout", tls / "server.key", "-out", tls / "server.csr"], capture_output=True)
+        run(["openssl", "x509", "-req", "-in", tls / "server.csr", "-CA", tls / "ca.pem",
+             "-CAkey", tls / "ca.key", "-CAcreateserial", "-days", days,
+             "-extfile", tls / "server.ext", "-out", tls / "server.pem"], capture_output=True)
+        pem = (tls / "server.pem").read_text() + (tls / "server.key").read_text()
+        (tls / "haproxy.pem").write_text(pem)
+        for key in ("ca.key", "server.key", "haproxy.pem"):
+            (tls / key).chmod(0o600)
 
     # -- RabbitMQ
 
@@ -259,17 +458,28 @@ class Sandbox:
             RABBITMQ_LOGS="-",
         )
 
+    def _rabbit_definitions(self) -> dict:
+        """Users, the vhost and permissions, loaded at boot (no guest, no rabbitmqctl calls).
+        imagesync may declare and read Glance's exchange and only its own queues."""
+        pw = self.state["rabbit"]["passwords"]
+        users = [{"name": u, "password_hash": _rabbit_hash(pw[u]),
+                  "hashing_algorithm": "rabbit_password_hashing_sha256",
+                  "tags": ["administrator"] if u == "admin" else []} for u in pw]
+        perms = {"admin": (".*", ".*", ".*"), "glance": (".*", ".*", ".*"),
+                 "imagesync": ("^(glance|imagesync.*)$", "^imagesync.*$",
+                               "^(glance|imagesync.*)$")}
+        return {"users": users, "vhosts": [{"name": VHOST}],
+                "permissions": [{"user": u, "vhost": VHOST, "configure": c, "write": w,
+                                 "read": r} for u, (c, w, r) in perms.items()]}
+
     def _start_rabbit(self) -> None:
         base = self.dir / "rabbit"
-        if "rabbit" not in self.state:
-            port = free_port()
-            self.state["rabbit"] = {"port": port, "dist_port": free_port(),
-                                    "epmd_port": free_port(),
-                                    "nodename": f"imagesync{port}@localhost"}
         (base / "enabled_plugins").write_text("[].\n")
+        (base / "definitions.json").write_text(json.dumps(self._rabbit_definitions()))
+        (base / "definitions.json").chmod(0o600)
         (base / "rabbitmq.conf").write_text(
-            "loopback_users.guest = true\n"
             f"listeners.tcp.default = 127.0.0.1:{self.state['rabbit']['port']}\n"
+            f"load_definitions = {base / 'definitions.json'}\n"
             "disk_free_limit.absolute = 50MB\n"
         )
         (self.dir / "log" / "rabbit").mkdir(parents=True, exist_ok=True)
@@ -298,12 +508,32 @@ class Sandbox:
                 return int(proc.name)
         return None
 
+    def rabbitmqctl(self, *args: str) -> str:
+        return run([RABBIT_BIN / "rabbitmqctl", *args], env=self._rabbit_env(),
+                   capture_output=True, text=True, timeout=60).stdout
+
+    def queues(self) -> dict[str, tuple[int, int]]:
+        """RabbitMQ queues: name -> (messages ready, messages unacknowledged)."""
+        out = self.rabbitmqctl("list_queues", "-p", VHOST, "-q", "--no-table-headers", "name",
+                               "messages_ready", "messages_unacknowledged")
+        queues = {}
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[1].isdigit():
+                queues[parts[0]] = (int(parts[1]), int(parts[2]))
+        return queues
+
+    def consumers(self) -> dict[str, int]:
+        """RabbitMQ queues: name -> consumers attached now."""
+        out = self.rabbitmqctl("list_queues", "-p", VHOST, "-q", "--no-table-headers", "name",
+                               "consumers")
+        return {p[0]: int(p[1]) for p in (line.split() for line in out.splitlines())
+                if len(p) == 2 and p[1].isdigit()}
+
     # -- MariaDB
 
     def _start_mariadb(self) -> None:
         base = self.dir / "mariadb"
-        if "mariadb" not in self.state:
-            self.state["mariadb"] = {"port": free_port(), "password": secrets.token_hex(12)}
         m, cnf = self.state["mariadb"], base / "my.cnf"
         cnf.write_text(
             "[client]\n"
@@ -331,30 +561,18 @@ class Sandbox:
         self._save()
         wait_for("MariaDB", lambda: port_open(m["port"]), 60, logfile, proc)
         if fresh:
-            sql = (f"CREATE DATABASE glance CHARACTER SET utf8;"
-                   f"CREATE USER 'glance'@'127.0.0.1' IDENTIFIED BY '{m['password']}';"
-                   f"GRANT ALL PRIVILEGES ON glance.* TO 'glance'@'127.0.0.1';")
+            sql = "".join(
+                f"CREATE DATABASE {db} CHARACTER SET {cs};"
+                f"CREATE USER '{db}'@'127.0.0.1' IDENTIFIED BY '{m['passwords'][db]}';"
+                f"GRANT ALL PRIVILEGES ON {db}.* TO '{db}'@'127.0.0.1';"
+                for db, cs in (("glance", "utf8"), ("keystone", "utf8mb4")))
             run(["mariadb", f"--defaults-file={cnf}", "-uroot", "-e", sql])
 
-    def queues(self) -> dict[str, tuple[int, int]]:
-        """RabbitMQ queues: name -> (messages ready, messages unacknowledged)."""
-        out = run([RABBIT_BIN / "rabbitmqctl", "list_queues", "-q", "--no-table-headers",
-                   "name", "messages_ready", "messages_unacknowledged"],
-                  env=self._rabbit_env(), capture_output=True, text=True, timeout=60)
-        queues = {}
-        for line in out.stdout.splitlines():
-            parts = line.split()
-            if len(parts) == 3 and parts[1].isdigit():
-                queues[parts[0]] = (int(parts[1]), int(parts[2]))
-        return queues
-
-    def consumers(self) -> dict[str, int]:
-        """RabbitMQ queues: name -> consumers attached now."""
-        out = run([RABBIT_BIN / "rabbitmqctl", "list_queues", "-q", "--no-table-headers",
-                   "name", "consumers"],
-                  env=self._rabbit_env(), capture_output=True, text=True, timeout=60)
-        return {p[0]: int(p[1]) for p in (line.split() for line in out.stdout.splitlines())
-                if len(p) == 2 and p[1].isdigit()}
+    def _db_url(self, db: str) -> str:
+        m = self.state["mariadb"]
+        charset = "utf8" if db == "glance" else "utf8mb4"
+        return (f"mysql+mysqldb://{db}:{m['passwords'][db]}@127.0.0.1:{m['port']}/{db}"
+                f"?charset={charset}")
 
     def sql(self, statement: str) -> str:
         """Run SQL in Glance's database as root (tests age locks this way)."""
@@ -373,64 +591,170 @@ class Sandbox:
                        f"'{image_id}' AND deleted = 0; SELECT ROW_COUNT();")
         return int(out.split()[-1])
 
+    # -- Keystone
+
+    def _keystone_conf(self) -> str:
+        k = self.dir / "keystone"
+        return _ini({
+            "DEFAULT": {"log_file": str(self.dir / "log" / "keystone.log")},
+            "database": {"connection": self._db_url("keystone")},
+            "token": {"provider": "fernet", "expiration": str(self.state["token_expiration"])},
+            "fernet_tokens": {"key_repository": f"{k}/fernet-keys/"},
+            "fernet_receipts": {"key_repository": f"{k}/fernet-keys/"},
+            "credential": {"key_repository": f"{k}/credential-keys/"},
+            # bcrypt's minimum cost: hashing at the default cost takes 0.3 s a token here.
+            "identity": {"password_hash_rounds": "4"},
+            # Without a cache every authenticated request costs ~200 SQL queries (0.5 s);
+            # the in-process cache is consistent because Keystone runs one process.
+            "cache": {"enabled": "true", "backend": "oslo_cache.dict",
+                      "expiration_time": "600"},
+            "oslo_middleware": {"enable_proxy_headers_parsing": "true"},
+        })
+
+    def _keystone_manage(self, *args: str) -> None:
+        run([KEYSTONE_VENV / "bin/keystone-manage", "--config-file",
+             self.dir / "etc" / "keystone" / "keystone.conf", *args], capture_output=True)
+
+    def _prepare_keystone_and_glance(self) -> None:
+        """Write every config file; on a fresh sandbox also create the schemas, keys and
+        Keystone's bootstrap objects (in parallel: each keystone-manage costs ~3.5 s)."""
+        (self.dir / "etc" / "keystone").mkdir(parents=True, exist_ok=True)
+        (self.dir / "etc" / "keystone" / "keystone.conf").write_text(self._keystone_conf())
+        for n in NODES:
+            self._write_glance_conf(n)
+        k = self.state["keystone"]
+        if k.get("bootstrapped"):
+            return
+        jobs = [self._in_thread(self._keystone_manage, "db_sync"),
+                self._in_thread(self._keystone_manage, "fernet_setup", "--keystone-user",
+                                "root", "--keystone-group", "root"),
+                self._in_thread(self._keystone_manage, "credential_setup", "--keystone-user",
+                                "root", "--keystone-group", "root"),
+                self._in_thread(lambda: run([GLANCE_VENV / "bin/glance-manage", "--config-file",
+                                             self.dir / "etc" / NODES[0] / "glance-api.conf",
+                                             "db_sync"], capture_output=True))]
+        for job in jobs:
+            job.result()
+        url = self.keystone_url + "/"
+        self._keystone_manage(
+            "bootstrap", "--bootstrap-password", k["passwords"]["admin"],
+            "--bootstrap-username", "admin", "--bootstrap-project-name", "admin",
+            "--bootstrap-role-name", "admin", "--bootstrap-service-name", "keystone",
+            "--bootstrap-region-id", REGION, "--bootstrap-admin-url", url,
+            "--bootstrap-internal-url", url, "--bootstrap-public-url", url)
+        k["bootstrapped"] = True
+        self._save()
+
+    def _start_keystone(self) -> None:
+        k, etc = self.state["keystone"], self.dir / "etc" / "keystone"
+        (etc / "uwsgi.ini").write_text(
+            "[uwsgi]\n"
+            f"http-socket = 127.0.0.1:{k['port']}\n"
+            "module = keystone.wsgi.api:application\n"
+            f"virtualenv = {KEYSTONE_VENV}\n"
+            f"env = OS_KEYSTONE_CONFIG_DIR={etc}\n"
+            # One process: the in-process cache must stay consistent (see _keystone_conf).
+            "master = true\nprocesses = 1\nthreads = 4\nenable-threads = true\n"
+            "lazy-apps = true\ndie-on-term = true\nbuffer-size = 65535\nneed-app = true\n"
+            "add-header = Connection: close\n"
+        )
+        logfile = self.dir / "log" / "keystone-uwsgi.log"
+        proc = subprocess.Popen([KEYSTONE_VENV / "bin/uwsgi", "--ini", etc / "uwsgi.ini"],
+                                start_new_session=True, stdin=subprocess.DEVNULL,
+                                stdout=open(logfile, "ab"), stderr=subprocess.STDOUT)
+        k["pid"] = proc.pid
+        self._keystone_proc = proc
+        self._save()
+
+    def _wait_keystone(self) -> None:
+        port = self.state["keystone"]["port"]
+        wait_for("Keystone", lambda: self._http_ok(f"http://127.0.0.1:{port}/v3"), 120,
+                 self.dir / "log" / "keystone-uwsgi.log", getattr(self, "_keystone_proc", None))
+
+    def _seed(self) -> None:
+        k = self.state["keystone"]
+        if k.get("projects"):
+            return
+        request = {"auth_url": self.keystone_url, "cacert": str(self.cacert), "region": REGION,
+                   "admin_password": k["passwords"]["admin"], "glance_url": self.glance_url,
+                   "users": {u: [k["passwords"][u], p, r] for u, (p, r) in USERS.items()}}
+        done = run([GLANCE_VENV / "bin/python", HERE / "sandbox_seed.py"],
+                   input=json.dumps(request), capture_output=True, text=True, timeout=180)
+        seeded = json.loads(done.stdout)
+        k["projects"], k["app_credential"] = seeded["projects"], seeded["app_credential"]
+        self._save()
+
+    def keystone_admin_token(self) -> str:
+        """A token of Keystone's bootstrap admin (tests revoke and inspect with it)."""
+        body = {"auth": {"identity": {"methods": ["password"], "password": {"user": {
+            "name": "admin", "domain": {"id": "default"},
+            "password": self.password("admin")}}},
+            "scope": {"project": {"name": "admin", "domain": {"id": "default"}}}}}
+        req = urllib.request.Request(self.keystone_url + "/auth/tokens",
+                                     data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30, context=self.tls_context()) as resp:
+            return resp.headers["X-Subject-Token"]
+
+    def tls_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.cacert))
+
     # -- Glance
 
-    def _glance_conf(self) -> str:
-        g, m, r = self.state["glance"], self.state["mariadb"], self.state["rabbit"]
-        d = self.dir / "glance"
+    def _write_glance_conf(self, node: str) -> None:
+        r = self.state["rabbit"]
+        d, etc = self.dir / "glance", self.dir / "etc" / node
+        etc.mkdir(parents=True, exist_ok=True)
+        stores = [s for s in STORES if node == NODES[0] or s != self.state.get("lonely_store")]
+        k = self.state["keystone"]
         sections: dict[str, dict[str, str]] = {
             "DEFAULT": {
-                "enabled_backends": ", ".join(f"{s}:file" for s in STORES),
+                "enabled_backends": ", ".join(f"{s}:file" for s in stores),
                 "enabled_import_methods": "[glance-direct, web-download, copy-image]",
-                "worker_self_reference_url": f"http://127.0.0.1:{g['port']}",
-                "transport_url": f"rabbit://guest:guest@127.0.0.1:{r['port']}/",
-                "log_file": str(self.dir / "log" / "glance-api.log"),
+                "worker_self_reference_url": self.node_url(node),
+                "transport_url": f"rabbit://glance:{r['passwords']['glance']}@127.0.0.1:"
+                                 f"{r['port']}/{VHOST}",
+                "log_file": str(self.dir / "log" / f"{node}-api.log"),
                 "debug": "false",
             },
-            "database": {"connection": f"mysql+mysqldb://glance:{m['password']}@127.0.0.1:"
-                                       f"{m['port']}/glance?charset=utf8"},
+            "database": {"connection": self._db_url("glance")},
             "glance_store": {"default_backend": STORES[0]},
-            "os_glance_staging_store": {"filesystem_store_datadir": str(d / "staging")},
-            "os_glance_tasks_store": {"filesystem_store_datadir": str(d / "tasks")},
-            "oslo_concurrency": {"lock_path": str(d / "locks")},
+            "os_glance_staging_store": {"filesystem_store_datadir": str(d / node / "staging")},
+            "os_glance_tasks_store": {"filesystem_store_datadir": str(d / node / "tasks")},
+            "oslo_concurrency": {"lock_path": str(d / node / "locks")},
             "oslo_messaging_notifications": {"driver": "messagingv2"},
-            "paste_deploy": {"flavor": "sandbox",
-                             "config_file": str(self.dir / "etc" / "glance-api-paste.ini")},
+            "oslo_middleware": {"enable_proxy_headers_parsing": "true"},
+            "paste_deploy": {"flavor": "keystone",
+                             "config_file": str(etc / "glance-api-paste.ini")},
+            "keystone_authtoken": {
+                "www_authenticate_uri": self.keystone_url,
+                "auth_url": self.keystone_url,
+                "cafile": str(self.cacert),
+                "auth_type": "password",
+                "user_domain_name": "Default", "project_domain_name": "Default",
+                "project_name": USERS["glance"][0], "username": "glance",
+                "password": k["passwords"]["glance"],
+                "region_name": REGION, "interface": "internal",
+            },
         }
-        for s in STORES:
+        for s in stores:
             sections[s] = {"filesystem_store_datadir": str(d / "stores" / s),
                            "store_description": f"{s} file store"}
         for section, opts in self.state.get("glance_options", {}).items():
             sections.setdefault(section, {}).update(opts)
-        return "".join(f"[{name}]\n" + "".join(f"{k} = {v}\n" for k, v in opts.items()) + "\n"
-                       for name, opts in sections.items())
-
-    def _start_glance(self) -> None:
-        if "glance" not in self.state:
-            self.state["glance"] = {"port": free_port()}
-        etc, port = self.dir / "etc", self.state["glance"]["port"]
+        (etc / "glance-api.conf").write_text(_ini(sections))
+        (etc / "glance-api.conf").chmod(0o600)
         paste = (GLANCE_VENV / "etc/glance/glance-api-paste.ini").read_text()
-        paste = paste.replace(
-            "keystone = cors",
-            "sandbox = cors http_proxy_to_wsgi versionnegotiation osprofiler sandboxidentity "
-            "context rootapp\nkeystone = cors", 1)
-        paste += ("\n[composite:glance-api-sandbox]\n"
-                  "paste.composite_factory = glance.api:root_app_factory\n"
-                  "/: api\n/healthcheck: healthcheck\n")
-        paste += ("\n[filter:sandboxidentity]\n"
-                  "paste.filter_factory = sandbox_identity:filter_factory\n")
-        (etc / "glance-api-paste.ini").write_text(paste)
-        (etc / "glance-api.conf").write_text(self._glance_conf())
-        if not self.state["glance"].get("db_synced"):
-            run([GLANCE_VENV / "bin/glance-manage", "--config-file", etc / "glance-api.conf",
-                 "db_sync"], capture_output=True)
-            self.state["glance"]["db_synced"] = True
+        (etc / "glance-api-paste.ini").write_text(paste.replace(
+            "/etc/glance/healthcheck_disable", str(etc / "healthcheck_disable")))
+
+    def _start_glance(self, node: str) -> None:
+        etc, port = self.dir / "etc" / node, self.state[node]["port"]
         (etc / "uwsgi.ini").write_text(
             "[uwsgi]\n"
             f"http-socket = 127.0.0.1:{port}\n"
             "module = glance.wsgi.api:application\n"
             f"virtualenv = {GLANCE_VENV}\n"
-            f"pythonpath = {HERE}\n"
             f"env = OS_GLANCE_CONFIG_DIR={etc}\n"
             "master = true\nprocesses = 2\nthreads = 4\nlazy-apps = true\ndie-on-term = true\n"
             "http-raw-body = true\nhttp-chunked-input = true\nhttp-auto-chunked = true\n"
@@ -439,53 +763,118 @@ class Sandbox:
             # clients reuse pooled connections and get "connection reset".
             "add-header = Connection: close\n"
         )
-        logfile = self.dir / "log" / "glance-uwsgi.log"
+        logfile = self.node_log(node)
         proc = subprocess.Popen([GLANCE_VENV / "bin/uwsgi", "--ini", etc / "uwsgi.ini"],
                                 start_new_session=True, stdin=subprocess.DEVNULL,
                                 stdout=open(logfile, "ab"), stderr=subprocess.STDOUT)
-        self.state["glance"]["pid"] = proc.pid
+        self.state[node]["pid"] = proc.pid
         self._save()
+        # /healthcheck needs no token: ready means the app loaded and answers.
+        wait_for(f"Glance API node {node}",
+                 lambda: self._http_ok(f"http://127.0.0.1:{port}/healthcheck"), 120, logfile,
+                 proc)
 
-        def ready() -> bool:
-            try:
-                url = f"http://127.0.0.1:{port}/v2/info/stores"
-                with urllib.request.urlopen(url, timeout=5) as r:
-                    return r.status == 200
-            except OSError:
-                return False
+    # -- HAProxy
 
-        wait_for("Glance", ready, 90, logfile, proc)
+    def _haproxy_cfg(self) -> str:
+        h, tls = self.state["haproxy"], self.dir / "tls" / "haproxy.pem"
+        glance = "".join(f"  server {n} 127.0.0.1:{self.state[n]['port']} check inter 1s "
+                         f"fall 2 rise 1\n" for n in NODES)
+        return (
+            "global\n"
+            "  log stdout format raw local0 info\n"
+            "  maxconn 2000\n"
+            f"  pidfile {self.dir / 'haproxy' / 'haproxy.pid'}\n"
+            "defaults\n"
+            "  mode http\n  log global\n  option httplog\n"
+            "  option redispatch\n  retries 2\n"
+            "  timeout connect 5s\n  timeout client 120s\n  timeout server 300s\n"
+            # Idle client connections are closed after 2 s, without a word to the client,
+            # as load balancers do: clients must survive a pooled connection gone stale.
+            "  timeout http-keep-alive 2s\n  timeout http-request 30s\n"
+            "frontend glance_api\n"
+            f"  bind 127.0.0.1:{h['glance_port']} ssl crt {tls}\n"
+            "  http-request set-header X-Forwarded-Proto https\n"
+            "  default_backend glance_api_nodes\n"
+            "backend glance_api_nodes\n"
+            "  balance roundrobin\n"
+            "  option httpchk GET /healthcheck\n"
+            f"{glance}"
+            "frontend keystone_api\n"
+            f"  bind 127.0.0.1:{h['keystone_port']} ssl crt {tls}\n"
+            "  http-request set-header X-Forwarded-Proto https\n"
+            "  default_backend keystone_nodes\n"
+            "backend keystone_nodes\n"
+            "  option httpchk GET /v3\n"
+            f"  server keystone 127.0.0.1:{self.state['keystone']['port']} check inter 1s "
+            "fall 2 rise 1\n"
+        )
+
+    def _start_haproxy(self) -> None:
+        cfg = self.dir / "haproxy" / "haproxy.cfg"
+        cfg.write_text(self._haproxy_cfg())
+        logfile = self.dir / "log" / "haproxy.log"
+        run(["haproxy", "-c", "-q", "-f", cfg], capture_output=True)
+        proc = subprocess.Popen(["haproxy", "-db", "-f", cfg], start_new_session=True,
+                                stdin=subprocess.DEVNULL, stdout=open(logfile, "ab"),
+                                stderr=subprocess.STDOUT)
+        self.state["haproxy"]["pid"] = proc.pid
+        self._haproxy_proc = proc
+        self._save()
+        wait_for("HAProxy", lambda: port_open(self.state["haproxy"]["glance_port"]), 30,
+                 logfile, proc)
+
+    def _wait_haproxy(self) -> None:
+        """Both Glance nodes and Keystone up in HAProxy's eyes, through TLS."""
+        wait_for("Glance through HAProxy", lambda: self._http_ok(
+            self.glance_url + "/healthcheck", tls=True), 60, self.dir / "log" / "haproxy.log",
+            getattr(self, "_haproxy_proc", None))
+
+    def _http_ok(self, url: str, tls: bool = False) -> bool:
+        try:
+            ctx = self.tls_context() if tls else None
+            with urllib.request.urlopen(url, timeout=5, context=ctx) as r:
+                return r.status < 400
+        except OSError:
+            return False
 
     # -- files
 
     def _write_clouds_yaml(self) -> None:
-        """Cloud `sandbox` (admin, no auth) and `sandbox-member` (a plain member, whose
-        token is a secret that must never appear in imagesync's output)."""
-        url = self.glance_url
-        if "member_token" not in self.state:
-            self.state["member_token"] = (f"sandbox:{MEMBER_PROJECT}:member,reader:"
-                                          f"{secrets.token_hex(16)}")
-            self._save()
-        self.clouds_yaml.write_text(
-            "clouds:\n"
-            f"  {CLOUD}:\n"
-            "    auth_type: none\n"
-            f"    auth:\n      endpoint: {url}\n"
-            f"    image_endpoint_override: {url}\n"
-            "    image_api_version: '2'\n"
-            f"  {CLOUD}-member:\n"
-            "    auth_type: admin_token\n"
-            f"    auth:\n      endpoint: {url}\n      token: {self.state['member_token']}\n"
-            f"    image_endpoint_override: {url}\n"
-            "    image_api_version: '2'\n"
-        )
+        """imagesync's cloud (password and application credential) and the tenants' users.
+        No endpoint override: Glance is found through Keystone's catalog."""
+        k = self.state["keystone"]
+
+        def cloud(name: str, auth: str, auth_type: str = "password") -> str:
+            return (f"  {name}:\n    auth_type: {auth_type}\n    auth:\n"
+                    f"      auth_url: {self.keystone_url}\n{auth}"
+                    f"    region_name: {REGION}\n    interface: internal\n"
+                    f"    cacert: {self.cacert}\n    image_api_version: '2'\n")
+
+        def password(user: str) -> str:
+            project = USERS[user][0]
+            return (f"      username: {user}\n      password: {k['passwords'][user]}\n"
+                    f"      project_name: {project}\n      user_domain_name: Default\n"
+                    f"      project_domain_name: Default\n")
+
+        ac = k["app_credential"]
+        text = "clouds:\n" + cloud(CLOUD, password("imagesync"))
+        text += cloud(f"{CLOUD}-appcred",
+                      f"      application_credential_id: {ac['id']}\n"
+                      f"      application_credential_secret: {ac['secret']}\n",
+                      "v3applicationcredential")
+        for name, user in CLOUDS.items():
+            text += cloud(name, password(user))
+        self.clouds_yaml.write_text(text)
         self.clouds_yaml.chmod(0o600)
 
     def _save(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state, indent=1))
-        tmp.replace(self.state_file)
+        with self._lock:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.state_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.state, indent=1))
+            tmp.chmod(0o600)
+            tmp.replace(self.state_file)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -493,6 +882,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["install", "up", "down", "status", "env"])
     parser.add_argument("--dir", default=os.environ.get("IMAGESYNC_SANDBOX_DIR", DEFAULT_DIR),
                         help="sandbox directory (default: %(default)s)")
+    parser.add_argument("--token-expiration", type=int, metavar="SECONDS",
+                        help="up: Keystone's token lifetime (default 3600; keep it >= 300, "
+                             "clients renew tokens with less than 120 s left)")
+    parser.add_argument("--lonely-store", choices=STORES,
+                        help="up: enable this store on the first Glance API node only")
     args = parser.parse_args(argv)
     if args.command == "install":
         install()
@@ -500,7 +894,7 @@ def main(argv: list[str] | None = None) -> int:
     box = Sandbox(args.dir)
     try:
         if args.command == "up":
-            box.up()
+            box.up(token_expiration=args.token_expiration, lonely_store=args.lonely_store)
             print("".join(f"export {k}={v}\n" for k, v in box.env().items()), end="")
         elif args.command == "down":
             box.down()
@@ -508,8 +902,14 @@ def main(argv: list[str] | None = None) -> int:
             print("".join(f"export {k}={v}\n" for k, v in box.env().items()), end="")
         else:
             states = box.running()
+            where = {"rabbit": lambda: f"127.0.0.1:{box.state['rabbit']['port']}/{VHOST}",
+                     "mariadb": lambda: f"127.0.0.1:{box.state['mariadb']['port']}",
+                     "keystone": lambda: box.keystone_url,
+                     "haproxy": lambda: box.glance_url,
+                     **{n: (lambda n=n: box.node_url(n)) for n in NODES}}
             for name, alive in states.items():
-                print(f"{name:8} {'running' if alive else 'stopped'}")
+                at = where[name]() if name in box.state else ""
+                print(f"{name:9} {'running' if alive else 'stopped':8} {at}")
             return 0 if all(states.values()) else 3
     except SandboxError as exc:
         print(f"sandbox: {exc}", file=sys.stderr)

@@ -2,9 +2,9 @@
 
 The CLI always runs as its own process (`python -m imagesync.cli --config-file ...`), as
 an operator runs it. Each test owns a name prefix and a pool queue, so its policy only
-ever matches its own images. `doctor`'s copy check runs here with a member's token (the
-sandbox's identity filter reads one from clouds.yaml), and in test_doctor.py with an admin
-and a service role; tests/unit fakes its other branches.
+ever matches its own images. `doctor`'s copy check runs here with a member's Keystone
+credentials (cloud `sandbox-member` of the sandbox's clouds.yaml), and in test_doctor.py with
+an admin and a service role; tests/unit fakes its other branches.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import uuid
 
 from daemon import Daemon
 from helpers import stores_of, upload_image, wait_for
@@ -184,32 +183,19 @@ def test_doctor_on_the_sandbox_with_the_daemon_running_reports_every_check_ok(
 
 
 def test_doctor_says_copy_image_needs_the_admin_role_for_member_credentials(
-        sandbox, admin_conn, daemon, prefix, tmp_path):
-    # The sandbox's identity filter reads a token sandbox:PROJECT:ROLES:ANYTHING (auth_type
-    # admin_token), so a clouds.yaml can name a plain member; the last part is a secret.
-    # doctor asks Glance to copy an image the member can see: a public one.
+        sandbox, admin_conn, daemon, prefix):
+    # member-a is a plain member of tenant-a in Keystone (cloud sandbox-member). doctor asks
+    # Glance to copy an image the member can see: a public one.
     upload_image(admin_conn, 1024, name=f"{prefix}-public", visibility="public")
-    secret = uuid.uuid4().hex
-    clouds = tmp_path / "member-clouds.yaml"
-    url = sandbox.glance_url
-    clouds.write_text(f"""clouds:
-  member:
-    auth_type: admin_token
-    auth:
-      endpoint: {url}
-      token: "sandbox:c0000000000000000000000000000c0c:member,reader:{secret}"
-    image_endpoint_override: {url}
-    image_api_version: '2'
-""")
-    d = daemon(to_slow_and_edge(prefix),
-               {"imagesync": {"cloud": "member", "clouds_file": clouds}})
+    d = daemon(to_slow_and_edge(prefix), {"imagesync": {"cloud": "sandbox-member"}})
 
     result = imagesync(d, "doctor")
 
     assert result.returncode == 1
     assert "OK    Glance reachable" in result.stdout
     assert "FAIL  credentials may copy: copy-image needs the admin role" in result.stdout
-    assert secret not in result.stdout + result.stderr
+    assert "hint: give the user of cloud sandbox-member the admin role" in result.stdout
+    assert sandbox.password("member-a") not in result.stdout + result.stderr
 
 
 def test_doctor_fails_when_the_pool_queue_does_not_exist_yet(daemon, prefix):

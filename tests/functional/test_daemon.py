@@ -6,8 +6,6 @@ import signal
 import subprocess
 import threading
 
-from conftest import OTHER_PROJECT
-
 from daemon import import_requests
 from helpers import import_settled, stores_of, upload_image, wait_for
 
@@ -17,12 +15,12 @@ def settled_in(conn, image_id: str, stores: set[str]) -> bool:
 
 
 def test_an_image_a_rule_sends_to_slow_and_edge_gets_there_with_one_import(
-        sandbox, admin_conn, other_admin_conn, daemon, prefix):
+        sandbox, admin_conn, other_admin_conn, other_project, daemon, prefix):
     d = daemon(f"""
 version: 1
 rules:
   - name: project-b
-    match: {{projects: [{OTHER_PROJECT}], name: "{prefix}-*"}}
+    match: {{projects: [{other_project}], name: "{prefix}-*"}}
     stores: [slow, edge]
 """).start()
 
@@ -38,7 +36,7 @@ rules:
 
 
 def test_stores_all_with_exclude_skips_edge_unless_another_rule_wants_it(
-        admin_conn, other_admin_conn, daemon, prefix):
+        admin_conn, other_admin_conn, other_project, daemon, prefix):
     daemon(f"""
 version: 1
 rules:
@@ -47,7 +45,7 @@ rules:
     stores: all
     exclude_stores: [edge]
   - name: project-b-on-edge
-    match: {{projects: [{OTHER_PROJECT}], name: "{prefix}-*"}}
+    match: {{projects: [{other_project}], name: "{prefix}-*"}}
     stores: [edge]
 """).start()
 

@@ -5,20 +5,25 @@ stays admin-only, so doctor sends a copy-image request Glance must refuse: for a
 image is already in. Glance checks the copy_image policy first, so an admin gets 400
 "already present" and anyone else 403. Each test reads Glance's own access log: no import
 doctor sent was accepted, and no task was created.
+
+The identities are real Keystone users: imagesync's (admin of its project), member-a (a
+member of tenant-a), and a user with only the `service` and `reader` roles that a test makes
+as Keystone's admin and deletes afterwards.
 """
 
 from __future__ import annotations
 
 import datetime
 import re
+import secrets
 import subprocess
 import sys
 import time
 import uuid
 
+import openstack.connection
 import pytest
 from access_log import AccessLog
-from conftest import OTHER_PROJECT, _connect
 
 from imagesync import doctor
 from imagesync.glance import Glance
@@ -77,23 +82,61 @@ def probe_candidates(admin_conn) -> set[str]:
     return {i["id"] for i in body["images"]}
 
 
-def service_clouds_yaml(sandbox, tmp_path, roles: str) -> tuple[str, str]:
-    """A clouds.yaml entry for a user of OTHER_PROJECT with `roles` (the sandbox's identity
-    filter reads them from the token); returns (path, the token's secret part)."""
-    secret = uuid.uuid4().hex
+def keystone_admin(sandbox):
+    """openstacksdk as Keystone's bootstrap admin (it makes the users the sandbox lacks)."""
+    return openstack.connection.Connection(
+        auth_url=sandbox.keystone_url, username="admin", password=sandbox.password("admin"),
+        project_name="admin", user_domain_name="Default", project_domain_name="Default",
+        cacert=str(sandbox.cacert), region_name="RegionOne", interface="internal",
+        identity_api_version="3")
+
+
+@pytest.fixture
+def service_user(sandbox, other_project):
+    """A Keystone user of tenant-a with only the `service` and `reader` roles, made for this
+    test and deleted after it: (name, password)."""
+    admin = keystone_admin(sandbox)
+    idn = admin.identity
+    name, password = f"svc-{uuid.uuid4().hex[:8]}", secrets.token_hex(16)
+    user = idn.create_user(name=name, password=password, domain_id="default")
+    try:
+        for role in ("service", "reader"):
+            idn.assign_project_role_to_user(other_project, user,
+                                            idn.find_role(role, ignore_missing=False))
+        yield name, password
+    finally:
+        idn.delete_user(user)
+
+
+def _connect_file(clouds: str, cloud: str):
+    """openstacksdk from one cloud of a clouds.yaml of the test's own."""
+    import openstack.config
+
+    region = openstack.config.OpenStackConfig(
+        config_files=[clouds], load_envvars=False).get_one(cloud)
+    return openstack.connection.Connection(config=region)
+
+
+def service_clouds_yaml(sandbox, tmp_path, user: str, password: str) -> str:
+    """A clouds.yaml of this test's own naming the service user's cloud `svc` (0600)."""
     path = tmp_path / "service-clouds.yaml"
-    url = sandbox.glance_url
     path.write_text(f"""clouds:
   svc:
-    auth_type: admin_token
+    auth_type: password
     auth:
-      endpoint: {url}
-      token: "sandbox:{OTHER_PROJECT}:{roles}:{secret}"
-    image_endpoint_override: {url}
+      auth_url: {sandbox.keystone_url}
+      username: {user}
+      password: {password}
+      project_name: tenant-a
+      user_domain_name: Default
+      project_domain_name: Default
+    region_name: RegionOne
+    interface: internal
+    cacert: {sandbox.cacert}
     image_api_version: '2'
 """)
     path.chmod(0o600)
-    return str(path), secret
+    return str(path)
 
 
 def test_doctor_says_an_admin_may_copy_after_glance_refused_its_probe_and_copied_nothing(
@@ -132,10 +175,13 @@ def test_doctor_fails_a_member_whom_glance_refuses_the_copy_with_403(
 
 
 def test_doctor_fails_a_service_role_that_may_read_store_details_but_not_copy(
-        sandbox, admin_conn, daemon, prefix, tmp_path, public_image):
-    clouds, secret = service_clouds_yaml(sandbox, tmp_path, "service,reader")
+        sandbox, admin_conn, daemon, prefix, tmp_path, public_image, service_user):
+    user, secret = service_user
+    clouds = service_clouds_yaml(sandbox, tmp_path, user, secret)
     d = daemon(to_slow(prefix), {"imagesync": {"cloud": "svc", "clouds_file": clouds}})
-    svc = _connect(sandbox, {"X-Project-Id": OTHER_PROJECT, "X-Roles": "service,reader"})
+    svc = _connect_file(clouds, "svc")
+    roles = set(svc.session.auth.get_access(svc.session).role_names)
+    assert roles == {"service", "reader"}, f"Keystone's token names the roles {roles}"
     # What the old check read: Glance 33 grants the service role the admin-only-looking page.
     assert svc.image.get("/info/stores/detail").status_code == 200
     log = AccessLog(sandbox)

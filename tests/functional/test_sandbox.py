@@ -1,14 +1,30 @@
-"""The sandbox is real: Glance copies between stores, enforces its policy, and notifies."""
+"""The sandbox is real: Glance copies between stores, enforces its policy, and notifies; and
+each production part is the real thing: Keystone issues and validates tokens, Glance refuses
+a request without one (through HAProxy and on a node), HAProxy spreads requests over both
+Glance API nodes, TLS is served with the sandbox CA's certificate, and RabbitMQ has no guest
+and gives imagesync's user no right to publish as Glance.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import queue
+import re
+import socket
+import ssl
 import threading
+import urllib.error
+import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import amqp.exceptions
+import kombu
 import pytest
 
+import sandbox as sandbox_mod
 from helpers import import_settled, stores_of, upload_image, wait_for
 
 
@@ -70,7 +86,8 @@ def test_a_member_without_the_admin_role_gets_403_on_copy_image(member_conn):
 
 @pytest.fixture
 def notifications(transport_url):
-    """A pooled oslo.messaging listener on Glance's exchange; yields a queue of events."""
+    """A pooled oslo.messaging listener on Glance's exchange, as imagesync's RabbitMQ user
+    (its pool queue must be named imagesync*); yields a queue of events."""
     import oslo_messaging
     from oslo_config import cfg
 
@@ -81,15 +98,17 @@ def notifications(transport_url):
             got.put((event_type, payload))
             return oslo_messaging.NotificationResult.HANDLED
 
+    pool = f"imagesync-test-{uuid.uuid4().hex[:8]}"
     transport = oslo_messaging.get_notification_transport(cfg.ConfigOpts(), url=transport_url)
     listener = oslo_messaging.get_notification_listener(
         transport, [oslo_messaging.Target(exchange="glance", topic="notifications")],
-        [Endpoint()], executor="threading", pool=f"test-{uuid.uuid4().hex[:8]}")
+        [Endpoint()], executor="threading", pool=pool)
     listener.start()
     yield got
     listener.stop()
     listener.wait()
     transport.cleanup()
+    delete_queue(transport_url, pool)  # else it keeps collecting Glance's notifications
 
 
 def test_glance_notifications_reach_a_pooled_oslo_messaging_listener(admin_conn, notifications):
@@ -105,3 +124,177 @@ def test_glance_notifications_reach_a_pooled_oslo_messaging_listener(admin_conn,
 
     wait_for(saw_activate_and_update, timeout=30, message="image.activate and image.update")
     assert threading.active_count() > 1
+
+
+# -- each part of the sandbox is real ---------------------------------------------------------
+
+
+def amqp_url(transport_url: str) -> str:
+    return re.sub(r"^rabbit://", "amqp://", transport_url)
+
+
+def delete_queue(transport_url: str, name: str) -> None:
+    with kombu.Connection(amqp_url(transport_url)) as conn, \
+            contextlib.suppress(conn.channel_errors):  # already gone
+        conn.default_channel.queue_delete(name)
+
+
+def request(url: str, method: str = "GET", body: dict | None = None,
+            headers: dict | None = None, context: ssl.SSLContext | None = None):
+    """urllib: (status, headers, body text); an HTTP error status is an answer too."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={
+        "Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=30, context=context) as resp:
+            return resp.status, resp.headers, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        with err:
+            return err.code, err.headers, err.read().decode()
+
+
+def password_token(sandbox, user: str, project: str) -> tuple[int, str | None, dict]:
+    """POST /v3/auth/tokens as a Keystone user with its password, over HAProxy's TLS."""
+    body = {"auth": {"identity": {"methods": ["password"], "password": {"user": {
+        "name": user, "domain": {"id": "default"}, "password": sandbox.password(user)}}},
+        "scope": {"project": {"id": sandbox.projects[project]}}}}
+    status, headers, text = request(sandbox.keystone_url + "/auth/tokens", "POST", body,
+                                    context=sandbox.tls_context())
+    return status, headers.get("X-Subject-Token"), json.loads(text)
+
+
+def test_keystone_issues_a_token_over_tls_and_validates_it(sandbox):
+    assert sandbox.keystone_url.startswith("https://")
+
+    status, token, body = password_token(sandbox, "member-a", "tenant-a")
+
+    assert status == 201, body
+    assert token, "no X-Subject-Token header"
+    assert body["token"]["user"]["name"] == "member-a"
+    assert body["token"]["project"]["id"] == sandbox.projects["tenant-a"]
+    assert {r["name"] for r in body["token"]["roles"]} >= {"member", "reader"}
+    assert "admin" not in {r["name"] for r in body["token"]["roles"]}
+    assert any(s["type"] == "image" for s in body["token"]["catalog"]), \
+        "Glance is not in Keystone's catalog"
+    checked, _, text = request(sandbox.keystone_url + "/auth/tokens", headers={
+        "X-Auth-Token": token, "X-Subject-Token": token}, context=sandbox.tls_context())
+    assert checked == 200, text
+    assert json.loads(text)["token"]["user"]["name"] == "member-a"
+    forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
+    refused, _, _ = request(sandbox.keystone_url + "/auth/tokens", headers={
+        "X-Auth-Token": token, "X-Subject-Token": forged}, context=sandbox.tls_context())
+    assert refused == 404, f"Keystone answered {refused} for a forged token"
+    bad = {"auth": {"identity": {"methods": ["password"], "password": {"user": {
+        "name": "member-a", "domain": {"id": "default"}, "password": "not-the-password"}}}}}
+    denied, _, _ = request(sandbox.keystone_url + "/auth/tokens", "POST", bad,
+                           context=sandbox.tls_context())
+    assert denied == 401
+
+
+@pytest.mark.parametrize("where", ["haproxy", "glance1", "glance2"])
+def test_glance_refuses_a_request_without_a_token_naming_keystone(sandbox, where):
+    url = sandbox.glance_url if where == "haproxy" else sandbox.node_url(where)
+    context = sandbox.tls_context() if where == "haproxy" else None
+    # The header identity of the old sandbox is no identity at all now.
+    old_identity = {"X-Project-Id": sandbox.projects["imagesync"], "X-Roles": "admin",
+                    "X-Identity-Status": "Confirmed"}
+
+    for headers in ({}, old_identity, {"X-Auth-Token": uuid.uuid4().hex}):
+        status, answer, text = request(url + "/v2/images", headers=headers, context=context)
+
+        assert status == 401, (headers, status, text)
+        assert answer.get("WWW-Authenticate") == f"Keystone uri=\"{sandbox.keystone_url}\"", \
+            answer.get("WWW-Authenticate")
+
+
+def test_haproxy_spreads_authenticated_requests_over_both_glance_nodes(sandbox, admin_conn):
+    token = admin_conn.session.get_token()
+    marker = uuid.uuid4().hex
+    n = 20
+
+    for _ in range(n):
+        status, _, text = request(f"{sandbox.glance_url}/v2/images?name={marker}",
+                                  headers={"X-Auth-Token": token},
+                                  context=sandbox.tls_context())
+        assert status == 200, text
+        assert json.loads(text)["images"] == []
+
+    def served(node: str) -> int:
+        return sandbox.node_log(node).read_text(errors="replace").count(
+            f"GET /v2/images?name={marker} => ")
+
+    wait_for(lambda: sum(served(node) for node in sandbox_mod.NODES) == n, timeout=10,
+             message=f"the {n} requests in the nodes' access logs")
+    counts = {node: served(node) for node in sandbox_mod.NODES}
+    assert all(counts.values()), f"one node served everything: {counts}"
+    # HAProxy's own log names the server of each request (a line when the stream ends).
+    haproxy = Path(sandbox.dir) / "log" / "haproxy.log"
+
+    def routed() -> list[str]:
+        return re.findall(rf"glance_api_nodes/(\w+) \S+ 200 .*\"GET /v2/images\?name={marker} ",
+                          haproxy.read_text(errors="replace"))
+
+    wait_for(lambda: len(routed()) == n, timeout=10, message=f"{n} lines in HAProxy's log")
+    assert {node: routed().count(node) for node in sandbox_mod.NODES} == counts
+
+
+def test_tls_is_served_with_a_certificate_only_the_sandbox_ca_verifies(sandbox):
+    for url in (sandbox.glance_url + "/healthcheck", sandbox.keystone_url):
+        assert url.startswith("https://")
+        # The system's trust store does not know the sandbox's CA.
+        with pytest.raises(urllib.error.URLError) as refused:
+            urllib.request.urlopen(url, timeout=10, context=ssl.create_default_context())
+        assert isinstance(refused.value.reason, ssl.SSLCertVerificationError), refused.value
+        assert "certificate verify failed" in str(refused.value.reason)
+
+        with urllib.request.urlopen(url, timeout=10, context=sandbox.tls_context()) as resp:
+            assert resp.status == 200
+
+    host, port = "127.0.0.1", sandbox.state["haproxy"]["glance_port"]
+    with socket.create_connection((host, port), timeout=10) as raw, \
+            sandbox.tls_context().wrap_socket(raw, server_hostname=host) as tls:
+        cert = tls.getpeercert()
+    issuer = dict(pair[0] for pair in cert["issuer"])
+    assert issuer["commonName"] == "imagesync sandbox CA"
+    assert ("IP Address", "127.0.0.1") in cert["subjectAltName"]
+
+
+def test_rabbitmq_has_no_guest_and_only_glance_may_publish_to_its_exchange(sandbox):
+    port = sandbox.state["rabbit"]["port"]
+    for vhost in ("openstack", ""):
+        with pytest.raises(amqp.exceptions.AccessRefused):
+            with kombu.Connection(f"amqp://guest:guest@127.0.0.1:{port}/{vhost}",
+                                  connect_timeout=10) as guest:
+                guest.connect()
+    assert "guest" not in sandbox.rabbitmqctl("list_users", "-q").split()
+
+    queue_name, key = f"imagesync-proof-{uuid.uuid4().hex[:8]}", f"proof-{uuid.uuid4().hex}"
+    exchange = kombu.Exchange("glance", type="topic", durable=False, auto_delete=False)
+    try:
+        with kombu.Connection(amqp_url(sandbox.transport_url)) as mine:
+            # imagesync's user owns queues imagesync* and may bind them to Glance's exchange.
+            q = kombu.Queue(queue_name, exchange, routing_key=key, durable=False,
+                            channel=mine.default_channel)
+            q.declare()
+            with pytest.raises(amqp.exceptions.AccessRefused):
+                kombu.Queue(f"other-{uuid.uuid4().hex[:8]}", channel=mine.channel()).declare()
+        with kombu.Connection(amqp_url(sandbox.transport_url),
+                              transport_options={"confirm_publish": True}) as mine:
+            with pytest.raises(amqp.exceptions.AccessRefused) as refused:
+                mine.Producer().publish({"from": "imagesync"}, exchange=exchange,
+                                        routing_key=key, serializer="json")
+            assert "exchange 'glance'" in str(refused.value), refused.value
+        with kombu.Connection(amqp_url(sandbox.glance_transport_url),
+                              transport_options={"confirm_publish": True}) as glance:
+            glance.Producer().publish({"from": "glance"}, exchange=exchange, routing_key=key,
+                                      serializer="json")
+        with kombu.Connection(amqp_url(sandbox.transport_url)) as mine:
+            got = []
+            q = kombu.Queue(queue_name, exchange, routing_key=key, durable=False,
+                            channel=mine.default_channel)
+            wait_for(lambda: got.append(q.get(no_ack=True)) or got[-1], timeout=10,
+                     message="glance's message in imagesync's queue")
+            assert got[-1].payload == {"from": "glance"}
+            assert q.get(no_ack=True) is None, "imagesync's refused message arrived too"
+    finally:
+        delete_queue(sandbox.transport_url, queue_name)

@@ -2,7 +2,8 @@
 
 Fuzzed notifications go through the real RabbitMQ into a running daemon, published with
 kombu the way Glance's oslo.messaging notifier does (topic exchange `glance`, durable=False,
-auto_delete=False, the oslo 2.0 envelope), plus raw garbage. They use a routing key of this
+auto_delete=False, the oslo 2.0 envelope), plus raw garbage, as Glance's own RabbitMQ user
+(imagesync's may not write to Glance's exchange). They use a routing key of this
 test's own (the daemon's `[notifications] topic`), so the garbage never reaches the shared
 sandbox's other queues; the daemon's code path is the same as for `notifications.info`.
 Broken policy files go through `imagesync policy check` and through the daemon's first start.
@@ -51,7 +52,8 @@ def starts(d: Daemon) -> int:
 
 
 def delete_queue(sandbox, name: str) -> None:
-    """Drop a queue this test made (it may hold megabytes of garbage)."""
+    """Drop a queue this test made (it may hold megabytes of garbage); a pool queue is named
+    imagesync*, which imagesync's RabbitMQ user may delete."""
     with kombu.Connection(amqp_url(sandbox.transport_url)) as conn, \
             contextlib.suppress(conn.channel_errors):  # already gone
         conn.default_channel.queue_delete(name)
@@ -298,10 +300,11 @@ class _Touch:
 
 
 def publish(sandbox, topic: str, messages) -> tuple[float, int]:
-    """Send every message to exchange `glance` as oslo.messaging's notifier declares it."""
+    """Send every message to exchange `glance` as oslo.messaging's notifier declares it, as
+    Glance's RabbitMQ user."""
     t0, size = time.monotonic(), 0
     exchange = kombu.Exchange("glance", type="topic", durable=False, auto_delete=False)
-    with kombu.Connection(amqp_url(sandbox.transport_url)) as conn:
+    with kombu.Connection(amqp_url(sandbox.glance_transport_url)) as conn:
         producer = conn.Producer()
         exchange(conn.default_channel).declare()
         for _kind, body, content_type, suffix in messages:
@@ -315,10 +318,14 @@ def publish(sandbox, topic: str, messages) -> tuple[float, int]:
                                  content_type=content_type, content_encoding="binary")
                 data = body
             size += len(data)
+        # Publishing is asynchronous: a refused publish closes the channel, which the next
+        # synchronous call on it reports (raises) instead of letting the test count nothing.
+        exchange(conn.default_channel).declare(passive=True)
     return time.monotonic() - t0, size
 
 
 def bind(sandbox, queue: str, routing_key: str) -> None:
+    """Bind a pool queue (imagesync*) to Glance's exchange, as imagesync's RabbitMQ user."""
     with kombu.Connection(amqp_url(sandbox.transport_url)) as conn:
         conn.default_channel.queue_bind(queue, "glance", routing_key)
 

@@ -20,7 +20,8 @@ UPLOADS = 16
 
 
 class ActivateCounter:
-    """An independent pooled listener with the same queue settings: which uploads it heard."""
+    """An independent pooled listener with the same queue settings: which uploads it heard.
+    It listens as imagesync's RabbitMQ user, which owns only queues named imagesync*."""
 
     def __init__(self, url: str, durable: bool):
         from oslo_messaging._drivers import amqp, impl_rabbit
@@ -30,7 +31,7 @@ class ActivateCounter:
         conf.set_override("amqp_durable_queues", durable, group="oslo_messaging_rabbit")
         self.transport = oslo_messaging.get_notification_transport(conf, url=url)
         self.heard: set[str] = set()
-        self.pool = f"counter-{uuid.uuid4().hex[:6]}"
+        self.pool = f"imagesync-counter-{uuid.uuid4().hex[:6]}"
         self.listener = oslo_messaging.get_notification_listener(
             self.transport, [oslo_messaging.Target(exchange="glance", topic="notifications")],
             [self], executor="threading", pool=self.pool)

@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import pwd
+import re
 import secrets
 import shutil
 import stat
@@ -23,7 +24,6 @@ from pathlib import Path
 
 import kombu
 import pytest
-from conftest import OTHER_PROJECT
 
 import imagesync
 from imagesync.log import redact
@@ -34,6 +34,7 @@ from helpers import stores_of, upload_image, wait_for
 
 UNPRIVILEGED_USER = "imagesync-test"
 FORBIDDEN = "copy-image needs the admin role"
+FERNET = re.compile(r"gAAAAA[A-Za-z0-9_-]{100,}")
 
 
 @pytest.fixture
@@ -75,7 +76,8 @@ def command_missing(result: subprocess.CompletedProcess) -> bool:
 
 
 def member_conn(sandbox):
-    """openstacksdk from the `sandbox-member` cloud: a member of project c0...c0c, no admin."""
+    """openstacksdk from the `sandbox-member` cloud: Keystone user member-a, a member of
+    tenant-a, no admin role."""
     import openstack.config
     import openstack.connection
 
@@ -92,10 +94,13 @@ def rabbitmqctl(sandbox, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def rabbit_user(sandbox):
-    """A RabbitMQ user of this test with a random password: (user, password)."""
+    """A RabbitMQ user of this test with a random password and the rights of imagesync's own
+    user on the sandbox's vhost (read Glance's exchange, own queues imagesync*):
+    (user, password)."""
     user, password = f"imagesync-sec-{uuid.uuid4().hex[:6]}", secrets.token_hex(20)
     rabbitmqctl(sandbox, "add_user", user, password)
-    rabbitmqctl(sandbox, "set_permissions", "-p", "/", user, ".*", ".*", ".*")
+    rabbitmqctl(sandbox, "set_permissions", "-p", sandbox_mod.VHOST, user,
+                "^(glance|imagesync.*)$", "^imagesync.*$", "^(glance|imagesync.*)$")
     yield user, password
     rabbitmqctl(sandbox, "delete_user", user)
 
@@ -132,32 +137,41 @@ def test_redact_keeps_urls_without_credentials():
 def test_no_secret_reaches_the_daemons_log_the_cli_or_the_ledger(
         sandbox, admin_conn, daemons, prefix, rabbit_user, tmp_path, figures):
     user, password = rabbit_user
-    token = sandbox.state["member_token"]
-    token_secret = token.rsplit(":", 1)[1]
+    # The Keystone secrets the two daemons authenticate with: imagesync's application
+    # credential (the admin side) and member-a's password (the member side); and the other
+    # passwords the clouds.yaml holds.
+    keystone = sandbox.state["keystone"]
+    secrets_ = {"RabbitMQ password": password,
+                "application credential secret": keystone["app_credential"]["secret"],
+                **{f"{u}'s Keystone password": sandbox.password(u)
+                   for u in ("member-a", "imagesync", "owner-a", "member-b")}}
     port = sandbox.state["rabbit"]["port"]
     dead = sandbox_mod.free_port()
     # Two RabbitMQ hosts, the first one down: connection errors get logged.
-    transport = f"rabbit://{user}:{password}@127.0.0.1:{dead},{user}:{password}@127.0.0.1:{port}/"
-    clouds = tmp_path / "clouds.yaml"   # the sandbox's, member token included
+    transport = (f"rabbit://{user}:{password}@127.0.0.1:{dead},"
+                 f"{user}:{password}@127.0.0.1:{port}/{sandbox_mod.VHOST}")
+    clouds = tmp_path / "clouds.yaml"   # the sandbox's: passwords and the app credential
     shutil.copy(sandbox.clouds_yaml, clouds)
-    assert token_secret in clouds.read_text()
+    assert all(s in clouds.read_text() for k, s in secrets_.items() if k != "RabbitMQ password")
     ledger = tmp_path / "ledger" / "ledger.sqlite"
     common = {"DEFAULT": {"transport_url": transport},
               "imagesync": {"clouds_file": clouds, "ledger_path": ledger, "log_level": "DEBUG"}}
-    admin = Daemon(sandbox, tmp_path / "admin", to_slow(prefix), common)
+    admin = Daemon(sandbox, tmp_path / "admin", to_slow(prefix),
+                   {**common, "imagesync": {**common["imagesync"], "cloud": "sandbox-appcred"}})
     member = Daemon(sandbox, tmp_path / "member", to_slow(prefix),
                     {**common, "imagesync": {**common["imagesync"], "cloud": "sandbox-member"}})
     admin.ledger_path = member.ledger_path = ledger
     daemons += [admin, member]
 
-    # Syncs as the admin cloud.
+    # Syncs as imagesync, authenticated by its application credential.
     admin.start()
     images = [upload_image(admin_conn, 4096, name=f"{prefix}-{i}") for i in range(2)]
     for image in images:
         wait_for(lambda i=image: "slow" in stores_of(admin_conn, i.id), timeout=60,
                  message=f"{image.id} in slow")
     admin.stop()
-    # Failures as the member cloud: its token is sent with every request and refused on copy.
+    # Failures as the member cloud: Keystone gives member-a a token (for its password), which
+    # goes with every request and is refused on copy.
     member.start()
     mine = upload_image(member_conn(sandbox), 4096, name=f"{prefix}-member")
     wait_for(lambda: member.copies(mine.id).get("slow") == "failed", timeout=60,
@@ -179,25 +193,29 @@ def test_no_secret_reaches_the_daemons_log_the_cli_or_the_ledger(
     outputs["ledger file"] = b"".join(p.read_bytes() for p in ledger.parent.iterdir()
                                       if p.is_file()).decode(errors="replace")
 
-    found = {where: text.count(password) + text.count(token_secret)
+    # Keystone's tokens themselves (Fernet: base64url of a 0x80 version byte, "gAAAAA...").
+    found = {where: sum(text.count(s) for s in secrets_.values()) + len(FERNET.findall(text))
              for where, text in outputs.items()}
     leaks = {where: n for where, n in found.items() if n}
     cmd = "pytest tests/reliability/test_security.py -k no_secret"
     figures("secrets", "outputs searched (daemon logs, CLI commands, ledger)", len(outputs), cmd)
+    figures("secrets", "secrets searched for",
+            ", ".join([*secrets_, "any Keystone token"]), cmd)
     figures("secrets", "secrets found in output", sum(found.values()), cmd)
     if missing:
         figures("secrets", "CLI commands not available yet", ", ".join(missing), cmd)
     assert admin.query("SELECT count(*) AS n FROM copies WHERE state = 'done'")[0]["n"] >= 2
     assert not leaks, "secrets found: " + ", ".join(
-        f"{where}: {n} (e.g. {_context(outputs[where], password, token_secret)!r})"
+        f"{where}: {n} (e.g. {_context(outputs[where], secrets_)!r})"
         for where, n in leaks.items())
 
 
-def _context(text: str, *secrets_: str) -> str:
-    for secret in secrets_:
+def _context(text: str, secrets_: dict[str, str]) -> str:
+    tokens = {f"token {i}": t for i, t in enumerate(FERNET.findall(text))}
+    for name, secret in {**secrets_, **tokens}.items():
         at = text.find(secret)
         if at >= 0:
-            return text[max(0, at - 120):at + len(secret) + 20].replace(secret, "<SECRET>")
+            return text[max(0, at - 120):at + len(secret) + 20].replace(secret, f"<{name}>")
     return ""
 
 
@@ -285,9 +303,14 @@ class UnprivilegedDaemon(Daemon):
                  options: dict | None = None):
         self.user = user
         workdir = Path(workdir)
-        clouds = workdir / "clouds.yaml"
+        clouds, cacert = workdir / "clouds.yaml", workdir / "ca.pem"
         workdir.mkdir(parents=True, exist_ok=True)
-        shutil.copy(sandbox.clouds_yaml, clouds)
+        # The user cannot enter the sandbox's directory: its own copy of the CA, named by its
+        # own copy of clouds.yaml.
+        shutil.copy(sandbox.cacert, cacert)
+        clouds.write_text(sandbox.clouds_yaml.read_text().replace(
+            f"cacert: {sandbox.cacert}\n", f"cacert: {cacert}\n"))
+        assert str(sandbox.cacert) not in clouds.read_text()
         options = {**(options or {})}
         options["imagesync"] = {"clouds_file": clouds,
                                 "ledger_path": workdir / "state" / "ledger.sqlite",
@@ -295,7 +318,8 @@ class UnprivilegedDaemon(Daemon):
         super().__init__(sandbox, workdir, policy, options)
         self.ledger_path = options["imagesync"]["ledger_path"]
         (workdir / "state").mkdir(mode=0o700)
-        for path in (workdir, workdir / "state", clouds, self.policy_file, self.conf_file):
+        for path in (workdir, workdir / "state", clouds, cacert, self.policy_file,
+                     self.conf_file):
             os.chown(path, user.pw_uid, user.pw_gid)
         for path in (clouds, self.policy_file, self.conf_file):
             path.chmod(0o600)
@@ -364,9 +388,10 @@ def test_the_daemon_runs_and_syncs_as_an_unprivileged_user(
 
 
 def test_a_rule_naming_a_project_never_copies_another_projects_private_image(
-        sandbox, admin_conn, other_admin_conn, daemons, prefix, tmp_path, figures):
+        sandbox, admin_conn, other_admin_conn, other_project, daemons, prefix, tmp_path,
+        figures):
     d = Daemon(sandbox, tmp_path / "d",
-               to_slow(prefix, match=f", projects: [{OTHER_PROJECT}]"))
+               to_slow(prefix, match=f", projects: [{other_project}]"))
     daemons.append(d)
     d.start()
 

@@ -1,5 +1,6 @@
 """Start never crash-loops: the worker starts, says READY and answers `status` while Glance,
 its credentials file or the ledger is unavailable, retries, and syncs once it is back.
+"Glance unavailable" is both API nodes down behind a running HAProxy (which answers 503).
 
 A worker that cannot start is respawned by oslo.service over and over, never says READY,
 and under systemd sits in `activating` until TimeoutStartSec: each story counts the
@@ -12,6 +13,8 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -55,6 +58,17 @@ def status(d: Daemon) -> subprocess.CompletedProcess:
                           timeout=60)
 
 
+def glance_answers(box) -> int:
+    """The status HAProxy gives for Glance's /healthcheck (503: no API node is up)."""
+    try:
+        with urllib.request.urlopen(box.glance_url + "/healthcheck", timeout=30,
+                                    context=box.tls_context()) as resp:
+            return resp.status
+    except urllib.error.HTTPError as err:
+        err.close()
+        return err.code
+
+
 def start_and_wait_ready(d: Daemon, notify: NotifySocket) -> int:
     d.start(env={"NOTIFY_SOCKET": str(notify.path)})
     wait_for(lambda: notify.sent("READY=1"), timeout=60, message=f"READY=1:\n{d.tail()}")
@@ -66,7 +80,8 @@ def test_started_while_glance_is_down_the_worker_is_ready_and_syncs_once_glance_
     box = private_sandbox()
     conn = connect(box)
     image = upload_image(conn, MIB, name=f"{prefix}-a")
-    box.stop_service("glance")
+    box.stop_service("glance")   # both API nodes: HAProxy and Keystone stay up
+    assert glance_answers(box) == 503, "Glance still answers behind HAProxy"
     d = Daemon(box, tmp_path / "d", policy(prefix), {"copy": {"backoff_cap": 4}})
     try:
         worker = start_and_wait_ready(d, notify)

@@ -1,12 +1,13 @@
 """The shipped unit under a real systemd 252: start, reload, watchdog, stop, hardening.
 
 One systemd boots as PID 1 of its own namespaces (tests/systemd_ns.py) for this module.
-imagesync is installed in it as the README says: a virtualenv at /opt/imagesync, the
-user `imagesync`, /etc/imagesync with the README's modes, and systemd/imagesync.service
-unchanged but for a drop-in pointing ExecStart at that virtualenv. The inner systemd
-shares the host's network, so the daemon reaches the sandbox's RabbitMQ and Glance on
-127.0.0.1. Everything is checked as an operator would: systemctl, the journal,
-`imagesync status` run as the daemon's user, and Glance itself.
+imagesync is installed in it as the README says: a virtualenv at /opt/imagesync, the user
+`imagesync`, /etc/imagesync with the README's modes, and systemd/imagesync.service unchanged
+but for a drop-in pointing ExecStart at that virtualenv. The inner systemd shares the host's
+network, so the daemon reaches the sandbox's RabbitMQ, Keystone and Glance (HAProxy, TLS
+with the sandbox's CA installed in /etc/imagesync) on 127.0.0.1. Everything is checked as an
+operator would: systemctl, the journal, `imagesync status` run as the daemon's user, and
+Glance itself.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ UNIT = ROOT / "systemd" / "imagesync.service"
 SERVICE = "imagesync.service"
 VENV = "/opt/imagesync"
 EXEC_START = f"{VENV}/bin/imagesync-daemon --config-file /etc/imagesync/imagesync.conf"
+CA_INSIDE = "/etc/imagesync/ca.pem"   # the sandbox's CA, for Keystone's and Glance's TLS
 EXPOSURE_GOAL = 2.0
 PROPS = ("ActiveState", "SubState", "MainPID", "NRestarts", "Result", "StatusText")
 
@@ -138,8 +140,12 @@ def host(sandbox, tmp_path_factory):
         systemd_ns.ensure_venv(ns, ROOT)
         systemd_ns.add_system_user(ns, "imagesync")
         h = Host(ns, sandbox, f"imagesync-unit-{uuid.uuid4().hex[:8]}")
-        systemd_ns.install_config(ns, h.conf_text(), policy_text("nothing", "edge"),
-                                  Path(sandbox.clouds_yaml).read_text())
+        # The sandbox's clouds.yaml names its CA in the sandbox directory, which the unit
+        # cannot see (ProtectHome=, PrivateTmp=, and it is not the service's user's to read):
+        # install the CA beside clouds.yaml, as an operator installs a private CA.
+        clouds = Path(sandbox.clouds_yaml).read_text().replace(str(sandbox.cacert), CA_INSIDE)
+        systemd_ns.install_config(ns, h.conf_text(), policy_text("nothing", "edge"), clouds)
+        ns.write(CA_INSIDE, Path(sandbox.cacert).read_text(), 0o640, "root", "imagesync")
         systemd_ns.install_unit(ns, UNIT, EXEC_START)
         yield h
     finally:
