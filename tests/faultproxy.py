@@ -1,20 +1,24 @@
 """A fault-injecting HTTP/1.1 reverse proxy that tests put between imagesync and the real Glance.
 
-It forwards every request, records each one at the proxy (time, method, path, image, status,
-forwarded or not) and, by rules a test changes while it runs, answers the way misbehaving
-deployments do: 429 (with or without Retry-After), 5xx bursts, 401, connections dropped before
-or after Glance acted, stalled answers, and one API node's 409 "store not found".
+Its upstream is the sandbox's load balancer (HAProxy's TLS frontend, verified with the
+sandbox's CA: `cafile=`) or one Glance API node over plain HTTP; the proxy itself listens
+over plain HTTP on 127.0.0.1. It forwards every request, records each one at the proxy
+(time, method, path, image, status, forwarded or not) and, by rules a test changes while it
+runs, answers the way misbehaving deployments do: 429 (with or without Retry-After), 5xx
+bursts, 401, connections dropped before or after Glance acted, stalled answers, and one API
+node's 409 "store not found".
 
-Stdlib only, loopback only. Usage::
+Stdlib only (PyYAML for clouds.yaml), loopback only. Usage::
 
-    with FaultProxy(sandbox.glance_url) as proxy:
+    with FaultProxy(sandbox.glance_url, cafile=sandbox.cacert) as proxy:
         clouds = proxy.write_clouds_yaml(tmp_path / "clouds.yaml", sandbox.clouds_yaml)
         proxy.add(too_many_requests(retry_after=5, method="GET", image_id=image.id, times=3))
         ...  # run the daemon with {"imagesync": {"clouds_file": clouds}}
         assert proxy.image_rate(image.id) <= 10
 
 Rules are tried in the order they were added; the first that matches and has budget left acts.
-Nothing secret is ever logged or kept: a record holds no header and no body.
+Nothing secret is ever logged or kept: a record holds no header and no body (the client's
+X-Auth-Token is only passed on to the upstream).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import os
 import random
 import re
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -38,6 +43,8 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
+
+import yaml
 
 LOG = logging.getLogger("faultproxy")
 
@@ -66,8 +73,13 @@ GLANCE_TEXT = {
     500: "The server has either erred or is incapable of performing the requested operation.",
     503: "The server is currently unavailable. Please try again at a later time.",
 }
-KEYSTONE_401 = {"error": {"code": 401, "title": "Unauthorized",
-                          "message": "The request you have made requires authentication."}}
+# keystonemiddleware (in Glance's paste pipeline) refuses a missing, expired or revoked token
+# with webob's 401, in Glance's error page shape, naming Keystone in WWW-Authenticate.
+KEYSTONE_401_TEXT = ("This server could not verify that you are authorized to access the "
+                     "document you requested. Either you supplied the wrong credentials (e.g., "
+                     "bad password), or your browser does not understand how to supply the "
+                     "credentials required.")
+KEYSTONE_URI = "https://127.0.0.1/identity/v3"   # FaultProxy(keystone_url=...) sets the real one
 
 
 # ---------------------------------------------------------------- rules
@@ -87,8 +99,9 @@ class Rule:
       answer       answer `status` without forwarding; `retry_after` adds Retry-After: N;
                    body in the shape of `source` ("glance": webob's error page as Glance sends
                    it, by the client's Accept; "haproxy": HAProxy's error page; "keystone":
-                   keystonemiddleware's 401), chosen by status when None; `message`, `body`,
-                   `content_type`, `headers` override; `close` closes the connection after it.
+                   keystonemiddleware's 401 with WWW-Authenticate), chosen by status when
+                   None; `message`, `body`, `content_type`, `headers` override; `close`
+                   closes the connection after it.
       drop_before  close the client's connection with no answer; Glance never sees it.
       drop_after   forward, let Glance answer, then close with no answer (Glance acted).
       stall        forward (unless `forward_first` is False), hold the answer `seconds`,
@@ -309,15 +322,15 @@ def glance_error(status: int, explanation: str, accept: str | None) -> tuple[str
     return "text/plain; charset=UTF-8", f"{code}\n\n{explanation}\n\n   ".encode()
 
 
-def fault_answer(rule: Rule, accept: str | None) -> Answer:
+def fault_answer(rule: Rule, accept: str | None, keystone_uri: str = KEYSTONE_URI) -> Answer:
     status = rule.status
     phrase = HTTPStatus(status).phrase
     source = rule.source or ("keystone" if status == 401 else
                              "haproxy" if status in HAPROXY_TEXT and status != 500 else "glance")
     headers = [("Date", formatdate(usegmt=True))]
     if source == "keystone":
-        ctype, body = "application/json; charset=UTF-8", json.dumps(KEYSTONE_401).encode()
-        headers.append(("WWW-Authenticate", 'Keystone uri="http://127.0.0.1/identity"'))
+        ctype, body = glance_error(status, rule.message or KEYSTONE_401_TEXT, accept)
+        headers.append(("WWW-Authenticate", f'Keystone uri="{keystone_uri}"'))
     elif source == "haproxy":
         text = rule.message or HAPROXY_TEXT.get(status, phrase)
         ctype = "text/html"
@@ -346,20 +359,33 @@ def upstream_failure(exc: BaseException) -> Answer:
 
 
 class FaultProxy:
-    """Forward to `upstream` (a loopback http URL) from http://127.0.0.1:<port>, with faults.
+    """Forward to `upstream` from http://127.0.0.1:<port>, with faults.
 
+    `upstream` is a loopback URL: https (the load balancer; its certificate is verified with
+    `cafile`, or with `ssl_context` when given) or http (one Glance API node, directly).
     Start and stop it with `with FaultProxy(url) as proxy:` (or start()/stop()). stop() ends
     every connection and thread within `stop_timeout` seconds, or raises.
     """
 
-    def __init__(self, upstream: str, *, port: int = 0, upstream_timeout: float = 60.0,
-                 idle_timeout: float = 60.0, stop_timeout: float = 10.0,
-                 clock: Callable[[], float] = time.monotonic, seed: int | None = 0):
+    def __init__(self, upstream: str, *, cafile: Path | str | None = None,
+                 ssl_context: ssl.SSLContext | None = None, port: int = 0,
+                 upstream_timeout: float = 60.0, idle_timeout: float = 60.0,
+                 stop_timeout: float = 10.0, clock: Callable[[], float] = time.monotonic,
+                 seed: int | None = 0, keystone_url: str = KEYSTONE_URI):
         parts = urlsplit(upstream)
-        if parts.scheme != "http" or parts.hostname not in LOOPBACK or not parts.port:
-            raise ValueError(f"upstream {upstream!r} is not an http://127.0.0.1:PORT URL")
-        self.upstream = f"http://{parts.hostname}:{parts.port}"
+        if (parts.scheme not in ("http", "https") or parts.hostname not in LOOPBACK
+                or not parts.port):
+            raise ValueError(f"upstream {upstream!r} is not an http(s)://127.0.0.1:PORT URL")
+        if parts.scheme == "http" and (cafile is not None or ssl_context is not None):
+            raise ValueError(f"upstream {upstream!r} is plain http: cafile/ssl_context "
+                             "make no sense for it")
+        self.upstream = f"{parts.scheme}://{parts.hostname}:{parts.port}"
         self.upstream_host, self.upstream_port = parts.hostname, parts.port
+        self.tls: ssl.SSLContext | None = None
+        if parts.scheme == "https":  # verified: a wrong CA is an error, not a quiet 502
+            self.tls = ssl_context or ssl.create_default_context(
+                cafile=str(cafile) if cafile is not None else None)
+        self.keystone_url = keystone_url   # named in a faked 401's WWW-Authenticate
         self.upstream_timeout, self.idle_timeout = upstream_timeout, idle_timeout
         self.stop_timeout, self.clock = stop_timeout, clock
         self.random = random.Random(seed)
@@ -529,12 +555,34 @@ class FaultProxy:
     # -- for clients
 
     def write_clouds_yaml(self, dest: Path | str, source: Path | str) -> Path:
-        """Copy `source` (e.g. the sandbox's clouds.yaml) to `dest` (mode 0600) with every
-        upstream URL pointing at the proxy instead."""
-        text = re.sub(re.escape(self.upstream) + r"(?![0-9])", self.url,
-                      Path(source).read_text())
+        """Copy `source` (e.g. the sandbox's clouds.yaml) to `dest` (mode 0600) so that every
+        cloud in it sends its Glance traffic through the proxy: each gets
+        `image_endpoint_override: <proxy url>` (Glance is otherwise found in Keystone's
+        catalog), and the upstream URL is replaced wherever it appears. Everything else (auth
+        against the real Keystone, cacert, region, interface) is kept as it was."""
+        doc = yaml.safe_load(Path(source).read_text())
+        clouds = doc.get("clouds") if isinstance(doc, dict) else None
+        if not isinstance(clouds, dict) or not clouds:
+            raise ValueError(f"{source} has no clouds: nothing to send through the proxy")
+        upstream = re.compile(re.escape(self.upstream) + r"(?![0-9])")
+
+        def redirect(value):
+            if isinstance(value, str):
+                return upstream.sub(self.url, value)
+            if isinstance(value, dict):
+                return {k: redirect(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [redirect(v) for v in value]
+            return value
+
+        doc = redirect(doc)
+        for name, cloud in doc["clouds"].items():
+            if not isinstance(cloud, dict):
+                raise ValueError(f"{source}: cloud {name!r} is not a mapping")
+            cloud["image_endpoint_override"] = self.url
+        text = yaml.safe_dump(doc, default_flow_style=False, sort_keys=False)
         dest = Path(dest)
-        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds tokens
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds secrets
         with os.fdopen(fd, "w") as f:
             f.write(text)
         dest.chmod(0o600)  # an existing file keeps its mode through os.open
@@ -672,7 +720,8 @@ class _Handler(BaseHTTPRequestHandler):
         if rule is None:
             self.send(self.forward(body))
         elif rule.action == "answer":
-            self.send(fault_answer(rule, self.headers.get("Accept")), close=rule.close)
+            self.send(fault_answer(rule, self.headers.get("Accept"),
+                                   self.server.proxy.keystone_url), close=rule.close)
         elif rule.action == "drop_before":
             self.drop(rule.reset)
         elif rule.action == "drop_after":
@@ -707,8 +756,13 @@ class _Handler(BaseHTTPRequestHandler):
         """Send the request to Glance on a fresh connection; its whole answer, or a load
         balancer's error page when Glance is unreachable."""
         proxy = self.server.proxy
-        conn = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port,
-                                          timeout=proxy.upstream_timeout)
+        if proxy.tls is not None:
+            conn = http.client.HTTPSConnection(proxy.upstream_host, proxy.upstream_port,
+                                               timeout=proxy.upstream_timeout,
+                                               context=proxy.tls)
+        else:
+            conn = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port,
+                                              timeout=proxy.upstream_timeout)
         self.server.track(conn, True)
         try:
             conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
@@ -726,6 +780,10 @@ class _Handler(BaseHTTPRequestHandler):
             headers = [(k, v) for k, v in resp.getheaders() if k.lower() not in keep]
             return Answer(resp.status, resp.reason, headers, data)
         except (OSError, http.client.HTTPException) as exc:
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                # A test set up wrong (no or another CA), not a fault it injected.
+                proxy.errors.append(f"{proxy.upstream}: TLS verification failed: "
+                                    f"{exc.verify_message or exc}")
             return upstream_failure(exc)
         finally:
             conn.close()

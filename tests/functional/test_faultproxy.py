@@ -1,8 +1,11 @@
 """The fault proxy does what the reliability stories rely on, against the sandbox's real Glance.
 
+The proxy sits where it does in the stories: between the client and the load balancer
+(HAProxy's TLS frontend, verified with the sandbox's CA), with the two Glance API nodes
+behind it. Requests carry a real Keystone token (keystonemiddleware refuses any other).
 Each fault kind is checked from both ends: what the client got, what the proxy counted, and
-what Glance itself saw (its access log and the image's state), so that "not forwarded" and
-"dropped after Glance acted" are facts, not assumptions.
+what Glance itself saw (both API nodes' access logs and the image's state), so that "not
+forwarded" and "dropped after Glance acted" are facts, not assumptions.
 """
 
 from __future__ import annotations
@@ -15,17 +18,16 @@ import socket
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import openstack.config
 import openstack.connection
 import openstack.exceptions
 import pytest
+import yaml
 
 import sandbox as sandbox_mod
 from daemon import import_requests
 from faultproxy import (
-    KEYSTONE_401,
     FaultProxy,
     Rule,
     drop_after,
@@ -48,42 +50,55 @@ STALL_SLACK = 15.0   # generous upper bound on top of it (a busy 2-core machine)
 
 
 class GlanceLog:
-    """Requests Glance itself served since this object was made, from its uWSGI access log."""
+    """Requests Glance itself served since this object was made, from the uWSGI access logs
+    of every API node behind the load balancer (a request lands on either)."""
 
     def __init__(self, sandbox):
         """uWSGI logs a request after answering it: a request a fixture made just before may
-        be logged late. A marker request, once logged, says the earlier ones are too."""
-        self.path = Path(sandbox.dir) / "log" / "glance-uwsgi.log"
-        self.offset = 0
-        marker = f"/v2/images/{uuid.uuid4()}"
-        call(int(sandbox.glance_url.rsplit(":", 1)[1]), "GET", marker)
-        wait_for(lambda: self.count("GET", marker), timeout=10, message="Glance's log")
-        self.offset = self.path.stat().st_size
+        be logged late. A marker request to each node, once logged, says the earlier ones
+        are too. (It has no token: the node's 401 is logged all the same.)"""
+        self.paths = {node: sandbox.node_log(node) for node in sandbox_mod.NODES}
+        self.offsets = dict.fromkeys(self.paths, 0)
+        for node in self.paths:
+            marker = f"/v2/images/{uuid.uuid4()}"
+            call(node_port(sandbox, node), "GET", marker)
+            wait_for(lambda m=marker: self.count("GET", m), timeout=10,
+                     message=f"{node}'s access log")
+        self.offsets = {node: path.stat().st_size for node, path in self.paths.items()}
 
-    def count(self, method: str, path: str) -> int:
-        with self.path.open("rb") as f:
-            f.seek(self.offset)
-            text = f.read().decode(errors="replace")
-        return text.count(f"] {method} {path} =>")
+    def count(self, method: str, path: str, node: str | None = None) -> int:
+        """Requests logged by every node, or by `node` only."""
+        return self.lines(node).count(f"] {method} {path} =>")
 
-    def lines(self) -> str:
-        with self.path.open("rb") as f:
-            f.seek(self.offset)
-            return f.read().decode(errors="replace")
+    def lines(self, node: str | None = None) -> str:
+        text = ""
+        for name, path in self.paths.items():
+            if node in (None, name):
+                with path.open("rb") as f:
+                    f.seek(self.offsets[name])
+                    text += f.read().decode(errors="replace")
+        return text
+
+
+def node_port(sandbox, node: str) -> int:
+    return sandbox.state[node]["port"]
 
 
 def call(port: int, method: str, path: str, body: str | bytes | None = None,
          headers: dict | None = None, conn: http.client.HTTPConnection | None = None,
-         timeout: float = 30.0, chunked: bool = False):
+         timeout: float = 30.0, chunked: bool = False, token: str | None = None):
     """One request with http.client; (response, body). `conn` keeps a connection alive;
-    `chunked` sends the body with Transfer-Encoding: chunked."""
+    `chunked` sends the body with Transfer-Encoding: chunked; `token` is sent as
+    X-Auth-Token (Glance answers 401 without one)."""
     own = conn is None
     conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     if chunked and isinstance(body, str):
         body = iter([body[:5].encode(), body[5:].encode()])
+    sent = dict(JSON, **(headers or {}))
+    if token:
+        sent["X-Auth-Token"] = token
     try:
-        conn.request(method, path, body=body, headers=dict(JSON, **(headers or {})),
-                     encode_chunked=chunked)
+        conn.request(method, path, body=body, headers=sent, encode_chunked=chunked)
         resp = conn.getresponse()
         return resp, resp.read()
     finally:
@@ -114,9 +129,17 @@ def image(admin_conn):
     admin_conn.image.delete_image(img.id, ignore_missing=True)
 
 
+@pytest.fixture(scope="module")
+def token(admin_conn) -> str:
+    """A Keystone token of imagesync's user (admin of the project that owns `image`)."""
+    return admin_conn.session.get_token()
+
+
 @pytest.fixture
 def proxy(sandbox):
-    with FaultProxy(sandbox.glance_url) as p:
+    """The proxy in front of the load balancer, as the stories use it."""
+    with FaultProxy(sandbox.glance_url, cafile=sandbox.cacert,
+                    keystone_url=sandbox.keystone_url) as p:
         yield p
     assert not p.errors, p.errors
     assert not proxy_threads(p.port)
@@ -131,13 +154,14 @@ def glance_log(sandbox):
 
 
 def test_every_request_is_forwarded_and_counted_over_one_kept_alive_connection(
-        proxy, image, glance_log, admin_conn):
+        proxy, image, glance_log, admin_conn, token):
     path = members_of(image)
     conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
     try:
-        answers = [call(proxy.port, "GET", path, conn=conn) for _ in range(3)]
+        answers = [call(proxy.port, "GET", path, conn=conn, token=token) for _ in range(3)]
         sock = conn.sock
-        resp, _ = patch_property(proxy.port, image.id, "fp_chunked", conn=conn, chunked=True)
+        resp, _ = patch_property(proxy.port, image.id, "fp_chunked", conn=conn, chunked=True,
+                                 token=token)
         assert conn.sock is sock, "the proxy closed a kept-alive connection"
     finally:
         conn.close()
@@ -159,8 +183,13 @@ def test_every_request_is_forwarded_and_counted_over_one_kept_alive_connection(
 def test_openstacksdk_goes_through_the_proxy_with_the_clouds_yaml_it_writes(
         sandbox, proxy, image, tmp_path):
     clouds = proxy.write_clouds_yaml(tmp_path / "clouds.yaml", sandbox.clouds_yaml)
-    assert sandbox.glance_url not in clouds.read_text()
     assert clouds.stat().st_mode & 0o777 == 0o600
+    source = yaml.safe_load(sandbox.clouds_yaml.read_text())["clouds"]
+    written = yaml.safe_load(clouds.read_text())["clouds"]
+    assert set(written) == set(source)
+    for name, cloud in written.items():  # Glance via the proxy; the rest untouched
+        assert cloud.pop("image_endpoint_override") == proxy.url, name
+        assert cloud == source[name], name
     region = openstack.config.OpenStackConfig(
         config_files=[str(clouds)], load_envvars=False).get_one(sandbox_mod.CLOUD)
     conn = openstack.connection.Connection(config=region)
@@ -174,6 +203,29 @@ def test_openstacksdk_goes_through_the_proxy_with_the_clouds_yaml_it_writes(
 
     assert [(r.status, r.forwarded) for r in proxy.requests("GET", image_id=image.id)] == \
         [(429, False), (200, True)]
+    # It authenticated with the real Keystone (over TLS), not through the proxy
+    assert not proxy.requests(path_re=r"^/v3|/auth/"), proxy.requests()
+    assert conn.session.get_token()
+
+
+def test_a_clouds_yaml_naming_the_upstream_gets_the_proxy_url_instead(sandbox, tmp_path):
+    source = tmp_path / "source.yaml"
+    source.write_text(yaml.safe_dump({"clouds": {"direct": {
+        "auth_type": "token",
+        "auth": {"auth_url": sandbox.keystone_url, "token": "x"},
+        "image_endpoint_override": sandbox.glance_url + "/v2/",
+        "cacert": str(sandbox.cacert)}}}))
+    with FaultProxy(sandbox.glance_url, cafile=sandbox.cacert) as proxy:
+        dest = tmp_path / "proxied.yaml"
+        dest.write_text("old")
+        dest.chmod(0o644)
+        clouds = proxy.write_clouds_yaml(dest, source)
+
+    assert clouds.stat().st_mode & 0o777 == 0o600
+    cloud = yaml.safe_load(clouds.read_text())["clouds"]["direct"]
+    assert cloud["image_endpoint_override"] == proxy.url
+    assert cloud["auth"] == {"auth_url": sandbox.keystone_url, "token": "x"}
+    assert sandbox.glance_url not in clouds.read_text()
 
 
 def test_a_dead_upstream_gets_a_load_balancers_503_and_nothing_forwarded():
@@ -187,15 +239,42 @@ def test_a_dead_upstream_gets_a_load_balancers_503_and_nothing_forwarded():
     assert (seen.status, seen.forwarded, seen.upstream_status) == (503, False, None)
 
 
+def test_the_load_balancers_certificate_is_verified(sandbox, token):
+    """Without the sandbox's CA the proxy does not talk to HAProxy, and says why."""
+    with FaultProxy(sandbox.glance_url) as proxy:  # the system's CAs only
+        resp, _ = call(proxy.port, "GET", "/v2/images?limit=1", token=token)
+
+    assert resp.status == 502
+    [seen] = proxy.requests()
+    assert (seen.status, seen.upstream_status) == (502, None)
+    assert len(proxy.errors) == 1 and "TLS verification failed" in proxy.errors[0], \
+        proxy.errors
+    assert token not in proxy.errors[0]
+
+
+def test_one_api_node_can_be_the_upstream_directly(sandbox, image, token):
+    node = sandbox_mod.NODES[1]
+    log = GlanceLog(sandbox)
+    with FaultProxy(sandbox.node_url(node)) as proxy:
+        resp, body = call(proxy.port, "GET", members_of(image), token=token)
+
+    assert resp.status == 200 and "members" in json.loads(body)
+    assert not proxy.errors, proxy.errors
+    wait_for(lambda: log.count("GET", members_of(image)) >= 1, timeout=10,
+             message=f"{node} to log the GET")
+    assert log.count("GET", members_of(image), node=node) == 1
+    assert log.count("GET", members_of(image)) == 1
+
+
 # ---------------------------------------------------------------- answers without Glance
 
 
-def test_429_with_and_without_retry_after_is_not_forwarded(proxy, image, glance_log):
+def test_429_with_and_without_retry_after_is_not_forwarded(proxy, image, glance_log, token):
     path = members_of(image)
     proxy.add(too_many_requests(retry_after=7, method="GET", image_id=image.id, times=1))
     proxy.add(too_many_requests(method="GET", image_id=image.id, times=1))
 
-    answers = [call(proxy.port, "GET", path)[0] for _ in range(3)]
+    answers = [call(proxy.port, "GET", path, token=token)[0] for _ in range(3)]
 
     assert [r.status for r in answers] == [429, 429, 200]
     assert answers[0].getheader("Retry-After") == "7"
@@ -206,15 +285,16 @@ def test_429_with_and_without_retry_after_is_not_forwarded(proxy, image, glance_
     assert glance_log.count("GET", path) == 1
 
 
-def test_a_503_burst_after_a_skip_then_rules_changed_at_run_time(proxy, image, glance_log):
+def test_a_503_burst_after_a_skip_then_rules_changed_at_run_time(proxy, image, glance_log,
+                                                                 token):
     path = members_of(image)
     burst = proxy.add(unavailable(image_id=image.id, skip=1, times=3))
 
-    statuses = [call(proxy.port, "GET", path)[0].status for _ in range(5)]
+    statuses = [call(proxy.port, "GET", path, token=token)[0].status for _ in range(5)]
     forever = proxy.add(error(500, path=r"^/v2/images/"))
-    during = call(proxy.port, "GET", path)[0].status
+    during = call(proxy.port, "GET", path, token=token)[0].status
     proxy.remove(forever)
-    after = call(proxy.port, "GET", path)[0].status
+    after = call(proxy.port, "GET", path, token=token)[0].status
 
     assert statuses == [200, 503, 503, 503, 200]
     assert (burst.seen, burst.hits, burst.exhausted) == (7, 3, True)  # it saw all 7
@@ -241,27 +321,34 @@ def test_5xx_answers_have_the_shape_of_who_gives_them(proxy, image, status, shap
     assert [(r.status, r.forwarded) for r in proxy.requests()] == [(status, False)]
 
 
-def test_401_is_keystonemiddlewares_answer_and_is_not_forwarded(proxy, image, glance_log):
+def test_401_is_keystonemiddlewares_answer_and_is_not_forwarded(sandbox, proxy, image,
+                                                                glance_log, token):
     path = members_of(image)
     proxy.add(unauthorized(times=1))
 
-    resp, body = call(proxy.port, "GET", path)
-    again, _ = call(proxy.port, "GET", path)
+    resp, body = call(proxy.port, "GET", path, token=token)
+    again, _ = call(proxy.port, "GET", path, token=token)
+    real, real_body = call(proxy.port, "GET", path, token=f"revoked-{uuid.uuid4().hex}")
 
-    assert resp.status == 401
-    assert json.loads(body) == KEYSTONE_401
-    assert resp.getheader("WWW-Authenticate").startswith("Keystone uri=")
-    assert again.status == 200
-    wait_for(lambda: glance_log.count("GET", path) >= 1, timeout=10, message="Glance's GET")
-    assert glance_log.count("GET", path) == 1
+    assert (resp.status, again.status, real.status) == (401, 200, 401)
+    # byte for byte what keystonemiddleware answers for a token it refuses
+    assert body == real_body
+    for header in ("Content-Type", "WWW-Authenticate"):
+        assert resp.getheader(header) == real.getheader(header), header
+    assert real.getheader("WWW-Authenticate") == f'Keystone uri="{sandbox.keystone_url}"'
+    assert [(r.status, r.forwarded) for r in proxy.requests()] == \
+        [(401, False), (200, True), (401, True)]
+    wait_for(lambda: glance_log.count("GET", path) >= 2, timeout=10, message="Glance's GETs")
+    assert glance_log.count("GET", path) == 2
 
 
 @pytest.mark.parametrize("accept", ["application/json", "*/*", None, "text/plain",
                                     "application/json;q=0.9, text/html;q=0.5"])
-def test_store_not_found_is_byte_for_byte_glances_409(sandbox, proxy, image, accept):
+def test_store_not_found_is_byte_for_byte_glances_409(sandbox, proxy, image, accept, token):
     """A node lacking `edge` answers exactly as Glance does for a store it does not know."""
     headers = {"Accept": accept} if accept else {}
-    direct = http.client.HTTPConnection("127.0.0.1", int(sandbox.glance_url.rsplit(":", 1)[1]),
+    headers["X-Auth-Token"] = token
+    direct = http.client.HTTPConnection("127.0.0.1", node_port(sandbox, sandbox_mod.NODES[0]),
                                         timeout=30)
     try:
         direct.request("POST", f"/v2/images/{image.id}/import", headers={
@@ -301,12 +388,12 @@ def test_store_not_found_is_byte_for_byte_glances_409(sandbox, proxy, image, acc
 @pytest.mark.parametrize("reset,raised", [(True, ConnectionResetError),
                                           (False, http.client.RemoteDisconnected)])
 def test_a_drop_before_forwarding_never_reaches_glance(proxy, image, glance_log, admin_conn,
-                                                       reset, raised):
+                                                       token, reset, raised):
     prop = f"fp_before_{uuid.uuid4().hex[:6]}"
     proxy.add(drop_before(method="PATCH", image_id=image.id, times=1, reset=reset))
 
     with pytest.raises(raised):
-        patch_property(proxy.port, image.id, prop)
+        patch_property(proxy.port, image.id, prop, token=token)
 
     [seen] = proxy.requests("PATCH")
     assert (seen.status, seen.forwarded, seen.upstream_status) == (None, False, None)
@@ -314,12 +401,13 @@ def test_a_drop_before_forwarding_never_reaches_glance(proxy, image, glance_log,
     assert glance_log.count("PATCH", f"/v2/images/{image.id}") == 0
 
 
-def test_a_drop_after_forwarding_leaves_the_change_applied(proxy, image, glance_log, admin_conn):
+def test_a_drop_after_forwarding_leaves_the_change_applied(proxy, image, glance_log, admin_conn,
+                                                           token):
     prop = f"fp_after_{uuid.uuid4().hex[:6]}"
     rule = proxy.add(drop_after(method="PATCH", image_id=image.id, times=1))
 
     with pytest.raises(ConnectionError):
-        patch_property(proxy.port, image.id, prop)
+        patch_property(proxy.port, image.id, prop, token=token)
 
     [seen] = proxy.requests("PATCH")
     assert (seen.status, seen.forwarded, seen.upstream_status) == (None, True, 200)
@@ -330,14 +418,14 @@ def test_a_drop_after_forwarding_leaves_the_change_applied(proxy, image, glance_
 
 
 def test_an_import_dropped_after_glance_took_it_copies_and_counts_once(sandbox, proxy,
-                                                                       admin_conn):
+                                                                       admin_conn, token):
     img = upload_image(admin_conn, 4096, store="fast", name=f"faultproxy-{uuid.uuid4().hex[:6]}")
     try:
         proxy.add(drop_after(method="POST", path=r"/import$", image_id=img.id, times=1))
 
         with pytest.raises(ConnectionError):
             call(proxy.port, "POST", f"/v2/images/{img.id}/import", COPY_TO_SLOW,
-                 {"Content-Type": "application/json"})
+                 {"Content-Type": "application/json"}, token=token)
 
         wait_for(lambda: import_settled(admin_conn, img.id)
                  and stores_of(admin_conn, img.id) == {"fast", "slow"},
@@ -353,11 +441,11 @@ def test_an_import_dropped_after_glance_took_it_copies_and_counts_once(sandbox, 
 # ---------------------------------------------------------------- stalls
 
 
-def test_a_stalled_answer_arrives_after_the_stall_and_not_much_later(proxy, image, glance_log):
+def test_a_stalled_answer_arrives_after_the_stall_and_not_much_later(proxy, image, token):
     proxy.add(stall(STALL, method="GET", image_id=image.id, times=1))
 
     started = time.monotonic()
-    resp, _ = call(proxy.port, "GET", f"/v2/images/{image.id}")
+    resp, _ = call(proxy.port, "GET", f"/v2/images/{image.id}", token=token)
     took = time.monotonic() - started
 
     assert resp.status == 200
@@ -367,13 +455,13 @@ def test_a_stalled_answer_arrives_after_the_stall_and_not_much_later(proxy, imag
 
 
 def test_a_stall_held_before_glance_then_dropped_never_reaches_glance(proxy, image, admin_conn,
-                                                                      glance_log):
+                                                                      glance_log, token):
     prop = f"fp_stalled_{uuid.uuid4().hex[:6]}"
     proxy.add(stall(STALL, then="drop", forward_first=False, method="PATCH", image_id=image.id))
 
     started = time.monotonic()
     with pytest.raises(ConnectionError):
-        patch_property(proxy.port, image.id, prop)
+        patch_property(proxy.port, image.id, prop, token=token)
     took = time.monotonic() - started
 
     assert STALL <= took < STALL + STALL_SLACK, took
@@ -385,18 +473,19 @@ def test_a_stall_held_before_glance_then_dropped_never_reaches_glance(proxy, ima
 # ---------------------------------------------------------------- rates
 
 
-def test_rates_are_the_busiest_sliding_windows(sandbox, image):
+def test_rates_are_the_busiest_sliding_windows(sandbox, image, token):
     """Arrival times come from an injected clock, so the windows are exact."""
     now = [0.0]
     schedule = [(0.0, True), (0.2, True), (0.5, True), (0.9, True), (0.95, False),
                 (1.5, True), (30.0, True), (59.9, True), (61.0, True), (61.1, True)]
-    with FaultProxy(sandbox.glance_url, clock=lambda: now[0]) as proxy:
+    with FaultProxy(sandbox.glance_url, cafile=sandbox.cacert, clock=lambda: now[0]) as proxy:
         conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
         try:
             for t, about_image in schedule:
                 now[0] = t
-                call(proxy.port, "GET", f"/v2/images/{image.id}" if about_image else "/versions",
-                     conn=conn)
+                resp, _ = call(proxy.port, "GET", f"/v2/images/{image.id}" if about_image
+                               else "/versions", conn=conn, token=token)
+                assert resp.status == 200
         finally:
             conn.close()
 
@@ -412,11 +501,11 @@ def test_rates_are_the_busiest_sliding_windows(sandbox, image):
 
 
 def test_a_probability_rule_is_seeded_and_its_hits_are_what_the_client_saw(proxy, image,
-                                                                            glance_log):
+                                                                            glance_log, token):
     path = members_of(image)
     rule = proxy.add(unavailable(probability=0.5, image_id=image.id))
 
-    statuses = [call(proxy.port, "GET", path)[0].status for _ in range(20)]
+    statuses = [call(proxy.port, "GET", path, token=token)[0].status for _ in range(20)]
 
     assert 0 < rule.hits < 20
     assert statuses.count(503) == rule.hits
@@ -430,8 +519,8 @@ def test_a_probability_rule_is_seeded_and_its_hits_are_what_the_client_saw(proxy
 
 
 def test_stop_is_bounded_and_leaves_no_thread_with_a_stall_and_an_idle_connection(sandbox,
-                                                                                   image):
-    proxy = FaultProxy(sandbox.glance_url, stop_timeout=10).start()
+                                                                                   image, token):
+    proxy = FaultProxy(sandbox.glance_url, cafile=sandbox.cacert, stop_timeout=10).start()
     port = proxy.port
     proxy.add(stall(300, method="GET", image_id=image.id))
     idle = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
@@ -440,7 +529,7 @@ def test_stop_is_bounded_and_leaves_no_thread_with_a_stall_and_an_idle_connectio
 
     def stalled_client():
         try:
-            call(port, "GET", f"/v2/images/{image.id}", timeout=60)
+            call(port, "GET", f"/v2/images/{image.id}", timeout=60, token=token)
         except BaseException as exc:  # what the client saw is the point
             outcome.append(exc)
 
@@ -474,7 +563,7 @@ def test_stop_is_bounded_and_leaves_no_thread_with_a_stall_and_an_idle_connectio
 
 
 def test_an_idle_kept_alive_connection_is_closed_after_the_idle_timeout(sandbox):
-    with FaultProxy(sandbox.glance_url, idle_timeout=0.5) as proxy:
+    with FaultProxy(sandbox.glance_url, cafile=sandbox.cacert, idle_timeout=0.5) as proxy:
         conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
         try:
             assert call(proxy.port, "GET", "/versions", conn=conn)[0].status == 200
@@ -489,23 +578,25 @@ def test_an_idle_kept_alive_connection_is_closed_after_the_idle_timeout(sandbox)
             conn.close()
 
 
-def test_no_header_is_ever_logged_or_kept(proxy, image, caplog, capfd):
-    secret = f"token-{uuid.uuid4().hex}"
+def test_no_header_is_ever_logged_or_kept(proxy, image, caplog, capfd, token):
+    """Neither a valid token (forwarded, Glance answers) nor a refused one shows anywhere."""
+    refused = f"token-{uuid.uuid4().hex}"
     caplog.set_level(logging.DEBUG, logger="faultproxy")
     proxy.add(too_many_requests(retry_after=1, method="GET", times=1))
     proxy.add(drop_before(method="HEAD", times=1))
-    auth = {"X-Auth-Token": secret}
 
-    for _ in range(2):
-        call(proxy.port, "GET", f"/v2/images/{image.id}", headers=auth)
+    statuses = [call(proxy.port, "GET", f"/v2/images/{image.id}", token=token)[0].status
+                for _ in range(2)]
+    statuses.append(call(proxy.port, "GET", f"/v2/images/{image.id}", token=refused)[0].status)
     with pytest.raises(ConnectionError):
-        call(proxy.port, "HEAD", f"/v2/images/{image.id}", headers=auth)
+        call(proxy.port, "HEAD", f"/v2/images/{image.id}", token=token)
 
+    assert statuses == [429, 200, 401]
     out, err = capfd.readouterr()
     assert "faultproxy GET" in caplog.text  # it does log, just never a header
     for text in (caplog.text, out, err, repr(proxy.requests()), repr(proxy.rules),
-                 "".join(proxy.errors)):
-        assert secret not in text
+                 "".join(proxy.errors), repr(vars(proxy))):
+        assert token not in text and refused not in text
 
 
 def test_bad_rules_and_upstreams_are_refused_with_the_reason():
@@ -515,5 +606,9 @@ def test_bad_rules_and_upstreams_are_refused_with_the_reason():
         Rule("answer", path="(")
     with pytest.raises(ValueError, match="probability"):
         Rule("answer", probability=2)
-    with pytest.raises(ValueError, match="not an http://127.0.0.1:PORT URL"):
+    with pytest.raises(ValueError, match=r"not an http\(s\)://127.0.0.1:PORT URL"):
         FaultProxy("http://192.0.2.1:9292")
+    with pytest.raises(ValueError, match=r"not an http\(s\)://127.0.0.1:PORT URL"):
+        FaultProxy("ftp://127.0.0.1:9292")
+    with pytest.raises(ValueError, match="plain http"):
+        FaultProxy("http://127.0.0.1:9292", cafile="/nowhere/ca.pem")

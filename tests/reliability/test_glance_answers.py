@@ -1,11 +1,13 @@
 """Glance's bad answers, told by a fault-injecting proxy between the real daemon and Glance.
 
 Each story runs imagesync-daemon on the real sandbox with its Glance endpoint pointing at
-tests/faultproxy.py, which answers some requests the way misbehaving deployments do (429
-with and without Retry-After, 503, 401, 403, dropped and stalled connections, one API node's
-409 "store not found") and counts every request per image. The figures (requests per image
-per minute, global peak rate, imports per image, time to converge, failed copies after a
-real outage) go to the RELIABILITY.md table. Every image made here is deleted at the end.
+tests/faultproxy.py (the daemon still authenticates with the real Keystone; the proxy
+forwards to the load balancer over TLS, with both Glance API nodes behind it), which
+answers some requests the way misbehaving deployments do (429 with and without
+Retry-After, 503, 401, 403, dropped and stalled connections, one API node's 409 "store not
+found") and counts every request per image. The figures (requests per image per minute,
+global peak rate, imports per image, time to converge, failed copies after a real outage)
+go to the RELIABILITY.md table. Every image made here is deleted at the end.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon import Daemon
 from faultproxy import (
     FaultProxy,
     drop_after,
@@ -51,8 +54,6 @@ def policy_for(prefix: str, stores) -> str:
 # ---------------------------------------------------------------- fixtures and helpers
 
 
-
-
 @pytest.fixture
 def images():
     made = Images()
@@ -60,16 +61,22 @@ def images():
     made.delete_all()
 
 
+def fault_proxy(box) -> FaultProxy:
+    """A fault proxy in front of `box`'s load balancer (TLS verified with its CA)."""
+    return FaultProxy(box.glance_url, cafile=box.cacert, keystone_url=box.keystone_url)
+
+
 @pytest.fixture
 def proxy(sandbox):
     """A fault proxy in front of the shared sandbox's Glance; it must end without errors."""
-    with FaultProxy(sandbox.glance_url) as p:
+    with fault_proxy(sandbox) as p:
         yield p
     assert not p.errors, p.errors
 
 
 def through(proxy, box, tmp_path, **copy) -> dict:
-    """Daemon options that send every Glance request through `proxy`."""
+    """Daemon options that send every Glance request through `proxy` (each cloud of `box`'s
+    clouds.yaml gets the proxy as its image endpoint; Keystone stays the real one)."""
     clouds = proxy.write_clouds_yaml(tmp_path / f"clouds-{uuid.uuid4().hex[:6]}.yaml",
                                      box.clouds_yaml)
     return {"imagesync": {"clouds_file": clouds}, "copy": copy}
@@ -412,18 +419,19 @@ def copying_in_glance(box, ids) -> bool:
 
 
 def test_a_glance_outage_longer_than_the_whole_backoff_ladder_fails_no_copy(
-        outage_box, images, daemon, prefix, tmp_path, figures):
+        outage_box, images, prefix, tmp_path, figures):
     box = outage_box
     conn = connect(box)
     assert OUTAGE > 3 * ladder_seconds()
-    # Given a daemon (through a proxy, as behind HAProxy) copying images to slow and edge,
+    # Given a daemon (through a proxy in front of HAProxy) copying images to slow and edge,
     # with short backoffs and max_attempts 1: a single attempt charged by the outage (an
     # import cut off, or refused while Glance was away) would fail a copy for good
     wanted = {"slow", "edge"}
     made = [images.upload(box, conn, 16 * MIB, f"{prefix}-{n}") for n in range(6)]
     ids = [i.id for i in made]
-    with FaultProxy(box.glance_url) as proxy:
-        d = daemon(policy_for(prefix, wanted),
+    with fault_proxy(box) as proxy:
+        # the private sandbox's own RabbitMQ too: its Glance's notifications, not the shared one's
+        d = Daemon(box, tmp_path / "outage", policy_for(prefix, wanted),
                    through(proxy, box, tmp_path, max_imports=4, max_imports_per_store=4,
                            max_attempts=1, lock_poll_interval=LOCK_POLL, **LADDER))
         d.start()
@@ -431,7 +439,8 @@ def test_a_glance_outage_longer_than_the_whole_backoff_ladder_fails_no_copy(
                  d.query("SELECT 1 FROM copies WHERE state IN ('pending', 'retrying')"),
                  timeout=90, interval=0.02, message="an import running in Glance, copies to do")
 
-        # When glance-api is stopped mid-copy for longer than the whole backoff ladder
+        # When every Glance API node is stopped mid-copy for longer than the whole backoff
+        # ladder (HAProxy stays: it answers 503 for them)
         box.stop_service("glance")
         down = proxy.now()
         time.sleep(OUTAGE)  # the outage itself: its length is the scenario
@@ -471,3 +480,5 @@ def test_a_glance_outage_longer_than_the_whole_backoff_ladder_fails_no_copy(
         # each image at most once per image_backoff_cap, and all work paused in between
         assert rate <= len(ids) / cap + 0.5, f"{len(during)} requests in {OUTAGE:.0f} s"
         assert per_image <= OUTAGE / cap + 3, per_image
+        d.stop()   # before the proxy goes
+    assert not proxy.errors, proxy.errors
