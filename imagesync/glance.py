@@ -20,6 +20,7 @@ from imagesync.model import Image
 from imagesync.planner import StoreInfo
 
 COPY_IMAGE = "copy-image"
+STORE_READS = 4   # reads of the store list per refresh at most (API nodes may differ)
 _TAG = re.compile(r"<[^>]*>")
 
 
@@ -312,10 +313,26 @@ class Glance:
         return Image.from_api(resp.json())
 
     def stores(self, refresh: bool = False) -> dict[str, StoreInfo]:
-        """Live store list, cached; types come from /detail when the credentials allow."""
+        """Live store list, cached; types come from /detail when the credentials allow.
+
+        Behind a load balancer each read may come from another API node, and nodes may
+        differ (an edge store enabled on some only): a store any node lists is live. So a
+        refresh reads again while a read adds a store, at least twice and at most
+        STORE_READS times, and keeps the union."""
         if not refresh and self._stores is not None and \
                 self.clock() - self._stores_at < self.stores_ttl:
             return self._stores
+        stores: dict[str, StoreInfo] = {}
+        for n in range(STORE_READS):
+            found = self._read_stores()
+            new = {k: v for k, v in found.items() if k not in stores}
+            stores.update(new)
+            if n >= 1 and not new:
+                break
+        self._stores, self._stores_at = stores, self.clock()
+        return stores
+
+    def _read_stores(self) -> dict[str, StoreInfo]:
         try:
             body = self._json("/info/stores/detail")
         except GlanceError as exc:
@@ -326,7 +343,6 @@ class Glance:
         for s in body.get("stores", []):
             read_only = str(s.get("read-only", s.get("read_only", ""))).lower() == "true"
             stores[s["id"]] = StoreInfo(s["id"], s.get("type"), read_only)
-        self._stores, self._stores_at = stores, self.clock()
         return stores
 
     def import_methods(self) -> list[str]:

@@ -167,6 +167,27 @@ def test_a_429_to_the_store_detail_list_does_not_fall_back_to_the_plain_list(gla
     assert [path for _, path, _ in server.seen] == ["/v2/info/stores/detail"]
 
 
+def stores_answer(*ids: str) -> tuple:
+    import json
+
+    return 200, {}, json.dumps({"stores": [{"id": i, "type": "file"} for i in ids]}).encode()
+
+
+def test_a_store_one_api_node_lacks_stays_live_when_another_node_lists_it(glance, server):
+    # Behind a load balancer, reads alternate between a node with `edge` and one without.
+    server.script = [stores_answer("fast", "slow"), stores_answer("fast", "slow", "edge"),
+                     stores_answer("fast", "slow")]
+    assert set(glance.stores()) == {"fast", "slow", "edge"}
+    assert len(server.seen) == 3   # the read that added edge was checked by one more
+
+
+def test_nodes_that_agree_cost_two_reads_of_the_store_list(glance, server):
+    server.script = [stores_answer("fast", "slow")] * 2
+    assert set(glance.stores(refresh=True)) == {"fast", "slow"}
+    assert len(server.seen) == 2
+    assert set(glance.stores()) == {"fast", "slow"} and len(server.seen) == 2   # cached
+
+
 # -- 401 and Keystone ---------------------------------------------------------------------------
 
 
