@@ -86,10 +86,31 @@ def run(cmd, check: bool = True, **kw) -> subprocess.CompletedProcess:
     return done
 
 
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port below the kernel's ephemeral range. A port from bind(0) lies in
+    that range, and any outgoing connection may take it as its source port between our
+    choosing it and the service binding it (seen: HAProxy's "Address already in use" while
+    the sandbox's other services talked to each other)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = secrets.SystemRandom()
+    for _ in range(500):
+        port = rng.randrange(max(1024, low - 16000), low)
+        if port in _GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN.add(port)
+        return port
+    raise SandboxError("no free loopback port below the ephemeral range")
 
 
 def port_open(port: int) -> bool:

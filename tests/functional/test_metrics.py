@@ -17,14 +17,9 @@ import pytest
 
 from daemon import Daemon
 from helpers import upload_image, wait_for
+from sandbox import free_port  # below the ephemeral range: no race with clients
 
 NO_RULES = "version: 1\nrules: []\n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def listening(pids: list[int]) -> set[tuple[str, int]]:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from helpers import wait_for
+from sandbox import free_port  # below the ephemeral range: no race with clients
 from systemd_ns import (
     NsSystemd,
     add_system_user,
@@ -81,12 +82,6 @@ def host_socket_inodes() -> set[str]:
             if len(parts) > col:
                 inodes.add(parts[col])
     return inodes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def listening(port: int) -> bool:
