@@ -387,6 +387,11 @@ class Sandbox:
         for n in names:
             if n in starts:
                 starts[n]()
+        behind = tuple(n for n in names if n in ("keystone", *NODES))
+        if "haproxy" in names:
+            self._wait_haproxy()
+        elif behind and self.running().get("haproxy"):
+            self._wait_haproxy(behind)
 
     def node_log(self, node: str) -> Path:
         """uWSGI's request log of one Glance API node (one line per request)."""
@@ -806,6 +811,7 @@ class Sandbox:
             "  log stdout format raw local0 info\n"
             "  maxconn 2000\n"
             f"  pidfile {self.dir / 'haproxy' / 'haproxy.pid'}\n"
+            f"  stats socket {self.dir / 'haproxy' / 'admin.sock'} mode 600 level admin\n"
             "defaults\n"
             "  mode http\n  log global\n  option httplog\n"
             "  option redispatch\n  retries 2\n"
@@ -845,11 +851,34 @@ class Sandbox:
         wait_for("HAProxy", lambda: port_open(self.state["haproxy"]["glance_port"]), 30,
                  logfile, proc)
 
-    def _wait_haproxy(self) -> None:
-        """Both Glance nodes and Keystone up in HAProxy's eyes, through TLS."""
-        wait_for("Glance through HAProxy", lambda: self._http_ok(
-            self.glance_url + "/healthcheck", tls=True), 60, self.dir / "log" / "haproxy.log",
-            getattr(self, "_haproxy_proc", None))
+    def haproxy_servers(self) -> dict[str, str]:
+        """HAProxy's view of its servers, from its admin socket: "backend/server" -> status
+        (UP, DOWN, MAINT, ...)."""
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(5)
+            s.connect(str(self.dir / "haproxy" / "admin.sock"))
+            s.sendall(b"show stat\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        rows = [line.split(",") for line in data.decode().splitlines()
+                if line and not line.startswith("#")]
+        return {f"{r[0]}/{r[1]}": r[17].split()[0] for r in rows
+                if len(r) > 17 and r[1] not in ("FRONTEND", "BACKEND")}
+
+    def _wait_haproxy(self, servers: tuple[str, ...] = ("keystone", *NODES)) -> None:
+        """Until HAProxy itself counts `servers` UP: a node HAProxy still holds DOWN gets
+        no request, and a client would see one node only."""
+        def up() -> bool:
+            try:
+                view = self.haproxy_servers()
+            except OSError:
+                return False
+            return all(any(k.endswith(f"/{name}") and v == "UP" for k, v in view.items())
+                       for name in servers)
+
+        wait_for(f"HAProxy counting {', '.join(servers)} up", up, 60,
+                 self.dir / "log" / "haproxy.log", getattr(self, "_haproxy_proc", None))
 
     def _http_ok(self, url: str, tls: bool = False) -> bool:
         try:
