@@ -142,6 +142,24 @@ ledger_opts = [
                       "whole image into staging). 0: send to the stores with room at once."),
 ]
 
+coordination_opts = [
+    cfg.StrOpt("backend_url", secret=True,
+               help="tooz coordination backend shared by the imagesync daemons of several "
+                    "controllers, e.g. redis://:PASSWORD@ctl1:6379, redis://:PASSWORD@ctl1:"
+                    "26379?sentinel=mymaster&sentinel_fallback=ctl2:26379 or "
+                    "etcd3+http://ctl1:2379. One daemon is active (consumes notifications, "
+                    "imports, reconciles); the others stand by. Unset: this daemon works "
+                    "alone."),
+    cfg.StrOpt("member_id", sample_default="<host name>",
+               help="This daemon's name among the members (default: the host name); "
+                    "unique per controller."),
+    cfg.IntOpt("lease", default=15, min=3,
+               help="Seconds the active daemon's claim lives in the backend without a "
+                    "renewal; renewed every third of it. The active daemon sends no import "
+                    "once its claim may have lapsed; a standby takes over after at most "
+                    "about this long."),
+]
+
 GROUPS: dict[str, Sequence[cfg.Opt]] = {
     "imagesync": imagesync_opts,
     "notifications": notification_opts,
@@ -149,6 +167,7 @@ GROUPS: dict[str, Sequence[cfg.Opt]] = {
     "reconcile": reconcile_opts,
     "metrics": metrics_opts,
     "ledger": ledger_opts,
+    "coordination": coordination_opts,
 }
 
 

@@ -49,8 +49,11 @@ class PolicyHolder:
 class Executor(ImageOperations):
     def __init__(self, ledger, glance: Glance, policy: PolicyHolder, settings: Settings,
                  caps: Caps, dry_run: bool = False, workers: int = 8, clock=time.time,
-                 metrics=None, discipline: Discipline | None = None):
+                 metrics=None, discipline: Discipline | None = None, may_import=None):
         self.ledger, self.glance, self.policy = ledger, glance, policy
+        # Fencing: with several controllers, no import unless this daemon's claim holds.
+        self.may_import = may_import or (lambda: True)
+        self.fenced = 0   # imports held back because the claim may have lapsed
         ttl = getattr(glance, "stores_ttl", None)   # blocked copies wait for its next refresh
         if ttl is not None:
             settings = dataclasses.replace(settings, store_list_ttl=ttl)

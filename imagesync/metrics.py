@@ -107,8 +107,16 @@ class Metrics:
         self.reconcile_last_run = Gauge(
             "imagesync_reconcile_last_run_timestamp_seconds", "When the last complete "
             "reconcile pass ended (Unix time).", registry=r)
+        self.active = Gauge(
+            "imagesync_active", "1 while this daemon is the active one (it consumes "
+            "notifications and imports), 0 while it stands by for another controller's.",
+            registry=r)
+        self.active.set(0)
 
     # -- hooks
+
+    def set_active(self, active: bool) -> None:
+        self.active.set(1 if active else 0)
 
     def import_started(self, stores: Iterable[str]) -> None:
         for store in stores:

@@ -43,6 +43,8 @@ class ImageOperations:
     polls: int
     locks_seen: dict[tuple[str, str], tuple[float, float | None]]
     dispatch_paused_until: float
+    may_import: Callable[[], bool]
+    fenced: int
 
     def _answered(self, image_id: str, kind: str) -> None:
         raise NotImplementedError
@@ -99,6 +101,15 @@ class ImageOperations:
                     task=task_id)
 
     def _import(self, image_id: str, stores: list[str], size: int) -> None:
+        if not self.may_import():
+            # Another controller may be active by now: send nothing, use no attempt.
+            self.fenced += 1
+            log.warning("import held back: this daemon's claim to be active may have lapsed",
+                        image_id=image_id, stores=stores)
+            outcome = Outcome(Kind.TRANSIENT, Action.BACKOFF,
+                              "not the active imagesync (coordination claim lapsed)")
+            self._record(image_id, stores, outcome, self.clock())
+            return
         log.info("copy-image sent", image_id=image_id, stores=stores, bytes=size)
         try:
             status, message = self.glance.copy_image(image_id, stores)

@@ -26,6 +26,7 @@ from imagesync import log as logsetup  # noqa: E402
 from imagesync import metrics as metrics_mod
 from imagesync import systemd
 from imagesync.backoff import compute_backoff
+from imagesync.coordination import Lease, default_member_id, redact
 from imagesync.executor import Caps, Executor, PolicyHolder
 from imagesync.glance import (
     CredentialsRejected,
@@ -139,31 +140,75 @@ class ImagesyncService(oslo_service.Service):
             conf, counts=ledger.counts_by_store)  # a read-only connection, off the writer
         if self.metrics:
             self.parts.append(self.metrics)
-        self.executor = Executor(self.ledger, self.glance, self.policy, settings_from(conf),
-                                 caps_from(conf), dry_run=dry_run,
-                                 workers=conf.copy.max_imports + 4, metrics=self.metrics)
-        self.reconciler = Reconciler(self.ledger, self.glance, self.policy,
-                                     conf.reconcile.interval, conf.reconcile.page_size,
-                                     on_change=self.executor.poke, metrics=self.metrics)
-        self.endpoint = Endpoint(self.ledger, on_change=self.executor.poke,
-                                 metrics=self.metrics)
-        self.listener = Listener(conf, self.endpoint)
-        self.executor.start()
-        self.listener.start()
-        self.reconciler.start()
-        self.parts += [self.listener, self.reconciler, self.executor]
+        self.work: list = []          # the active role's parts, started by _activate
+        self.work_lock = threading.Lock()
+        self.lease = None
+        url = conf.coordination.backend_url
+        if url:
+            self.lease = Lease(url, conf.coordination.member_id or default_member_id(),
+                               conf.coordination.lease, on_active=self._activate,
+                               on_standby=self._deactivate)
+            self.lease.start()
+            self.parts.append(self.lease)
+            role = (f"member {self.lease.member} of {redact(url)}: active or standby as "
+                    f"the coordination backend decides")
+        else:
+            self._activate()
+            role = "listening to Glance notifications"
         log.info("imagesync started", pid=os.getpid(), dry_run=dry_run,
-                 pool=conf.notifications.pool, topic=conf.notifications.topic)
+                 pool=conf.notifications.pool, topic=conf.notifications.topic,
+                 coordination=redact(url) if url else None)
         policy = self.policy.policy
         digest = hashlib.sha256(policy.text.encode()).hexdigest()[:12]
-        systemd.notify(f"READY=1\nSTATUS=worker {os.getpid()} listening to Glance "
-                       f"notifications; policy {policy.source} sha256:{digest} "
-                       f"({len(policy.rules)} rules)")
+        # A standby is healthy: READY at once, whichever role it gets.
+        systemd.notify(f"READY=1\nSTATUS=worker {os.getpid()} {role}; policy "
+                       f"{policy.source} sha256:{digest} ({len(policy.rules)} rules)")
         interval = systemd.watchdog_interval()
         if interval:
             self.watchdog = systemd.Watchdog(interval, self.health_checks())
             self.watchdog.start()
             self.parts.insert(0, self.watchdog)
+
+    def _activate(self) -> None:
+        """Start the active role's work: executor, listener, reconciler (a pass at once)."""
+        conf = self.conf
+        with self.work_lock:
+            if self.work:
+                return
+            self.executor = Executor(self.ledger, self.glance, self.policy, settings_from(conf),
+                                     caps_from(conf), dry_run=conf.imagesync.dry_run,
+                                     workers=conf.copy.max_imports + 4, metrics=self.metrics,
+                                     may_import=self.lease.may_import if self.lease else None)
+            self.reconciler = Reconciler(self.ledger, self.glance, self.policy,
+                                         conf.reconcile.interval, conf.reconcile.page_size,
+                                         on_change=self.executor.poke, metrics=self.metrics)
+            self.endpoint = Endpoint(self.ledger, on_change=self.executor.poke,
+                                     metrics=self.metrics)
+            self.listener = Listener(conf, self.endpoint)
+            self.executor.start()
+            self.listener.start()
+            self.reconciler.start()
+            self.work = [self.listener, self.reconciler, self.executor]
+        if self.metrics:
+            self.metrics.set_active(True)
+        if self.lease:
+            systemd.notify(f"STATUS=worker {os.getpid()} active ({self.lease.member}): "
+                           "listening to Glance notifications")
+
+    def _deactivate(self, reason: str) -> None:
+        """Stop the active role's work (the claim is lost or given up); stay ready."""
+        with self.work_lock:
+            work, self.work = self.work, []
+        for part in work:
+            try:
+                part.stop()
+            except Exception:
+                log.exception("error while stopping", part=type(part).__name__)
+        if self.metrics:
+            self.metrics.set_active(False)
+        if self.lease:
+            systemd.notify(f"STATUS=worker {os.getpid()} standby ({self.lease.member}): "
+                           f"{reason}")
 
     def health_checks(self) -> dict:
         """Each part's liveness, for the watchdog: None when fine, else why not."""
@@ -185,19 +230,28 @@ class ImagesyncService(oslo_service.Service):
                 return f"the ledger writer did not answer within {LEDGER_PROBE_TIMEOUT:.0f} s"
             return None
 
+        def working(check):   # the active role's parts exist only while it is active
+            return lambda: check() if self.work else None
+
         checks = {
-            "listener": lambda: heartbeat(self.endpoint.heartbeat),
+            "listener": working(lambda: heartbeat(self.endpoint.heartbeat)),
             "ledger writer": ledger_writer,
-            "executor": lambda: (thread(self.executor, "executor")
-                                 or heartbeat(self.executor.heartbeat)),
+            "executor": working(lambda: (thread(self.executor, "executor")
+                                         or heartbeat(self.executor.heartbeat))),
         }
         if self.conf.reconcile.interval > 0:  # with 0 it makes one pass and is done
-            checks["reconciler"] = lambda: thread(self.reconciler, "reconciler")
+            checks["reconciler"] = working(lambda: thread(self.reconciler, "reconciler"))
+        if self.lease is not None:
+            checks["coordination"] = lambda: (
+                None if self.lease.alive() else "the coordination thread has died"
+            ) or heartbeat(self.lease.heartbeat)
         return checks
 
     def stop(self, graceful: bool = False) -> None:
         systemd.notify("STATUS=worker stopping")
-        for part in self.parts:
+        with getattr(self, "work_lock", threading.Lock()):
+            work, self.work = getattr(self, "work", []), []
+        for part in [*work, *self.parts]:
             try:
                 part.stop()
             except Exception:

@@ -121,16 +121,17 @@ def _without_doctor_output(text: str) -> str:
                                          if not DOCTOR_LINE.match(line)))
 
 
-def test_every_url_scheme_in_the_docs_is_an_oslo_messaging_driver_or_a_web_link():
+def test_every_url_scheme_in_the_docs_is_an_oslo_messaging_or_tooz_driver_or_a_web_link():
     from importlib.metadata import entry_points
 
     drivers = {e.name for e in entry_points(group="oslo.messaging.drivers")}
-    assert "rabbit" in drivers
+    backends = {e.name for e in entry_points(group="tooz.backends")}   # [coordination]
+    assert "rabbit" in drivers and {"redis", "etcd3+http"} <= backends
     wrong = sorted({f"{name}: {scheme}://" for name, text in DOCS.items()
                     for scheme in re.findall(r"\b([a-z][a-z0-9+.-]*)://",
                                              _without_doctor_output(text))
-                    if scheme not in drivers | NOT_TRANSPORTS})
-    assert not wrong, (f"no oslo.messaging driver has these schemes: {', '.join(wrong)} "
+                    if scheme not in drivers | backends | NOT_TRANSPORTS})
+    assert not wrong, (f"no oslo.messaging or tooz driver has these schemes: {', '.join(wrong)} "
                        f"(drivers: {', '.join(sorted(drivers))}; TLS is [oslo_messaging_rabbit] "
                        "ssl = true with rabbit://)")
 
