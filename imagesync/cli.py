@@ -197,6 +197,9 @@ def status(env: Env, image, failed, states, project, store, fmt, columns) -> Non
     """What the ledger says: copies per store, one IMAGE (id or name), or a list of copies.
 
     Reads the ledger read-only: it works while the daemon is down and never blocks it.
+    With [coordination] backend_url set, the summary first says which controller's daemon
+    is active and this node's role; anywhere but on the active one, the ledger shown is the
+    last known view (a daemon writes it only while active).
 
     \b
     Examples:
@@ -237,14 +240,32 @@ def status(env: Env, image, failed, states, project, store, fmt, columns) -> Non
         counts = [report.store_row(r) for r in ledger.read_store_counts(conn)]
         daemon = ledger.read_daemon(conn)
         running = _running(daemon["pid"], daemon["started_at"]) if daemon else None
+        _columns(report.STORE_COLUMNS, columns, fmt)  # a wrong -c fails before any lookup
+        view = _members(env) if fmt != "value" else None
         if fmt == "json":
             cols = _columns(report.STORE_COLUMNS, columns, fmt)
-            click.echo(output.dumps({"daemon": report.daemon_record(daemon, running),
-                                     "stores": output.records(cols, counts)}))
+            click.echo(output.dumps({
+                "daemon": report.daemon_record(daemon, running),
+                "stores": output.records(cols, counts),
+                "coordination": view and report.coordination_record(
+                    view.backend, view.member, view.found, view.error)}))
             return
+        if view is not None:
+            click.echo("\n".join(report.coordination_lines(view.backend, view.member,
+                                                           view.found, view.error, now)))
         _echo_rows(report.STORE_COLUMNS, counts, fmt, columns, now, "no copies recorded yet")
         if fmt == "table":
             click.echo(report.daemon_text(daemon, running, now))
+
+
+def _members(env: Env):
+    """What [coordination] backend_url says of the members (doctor.Members), or None when
+    it is unset: one controller, and nothing to say."""
+    if not env.conf.coordination.backend_url:
+        return None
+    from imagesync import doctor
+
+    return doctor.ask_members(env.conf)
 
 
 # -- retry and sync: requests the daemon picks up -----------------------------------------
@@ -576,7 +597,8 @@ def policy_check(env: Env, file: str | None, with_glance: bool) -> None:
 def doctor(env: Env) -> None:
     """Check that imagesync can work here; each check says OK, WARN or FAIL, with a hint.
 
-    Glance reachable, multi-store on, copy-image enabled, credentials allowed to copy
+    The coordination backend (which member is active; when [coordination] backend_url
+    is set), Glance reachable, multi-store on, copy-image enabled, credentials allowed to copy
     (Glance is asked to copy an image to a store it is already in, which it refuses: 400
     when the credentials may copy, 403 when not; nothing is copied), notifications
     arriving on the pool queue, the policy valid against the live stores, the ledger

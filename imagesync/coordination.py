@@ -83,7 +83,10 @@ class Lease:
         # (and join() blocking) once the OS thread had exited.
         self._done = threading.Event()
         self.thread: threading.Thread | None = None
-        self.heartbeat = Heartbeat("coordination", limit=max(30.0, 3 * self.lease))
+        # A call to a Redis that went away returns only after tooz's and redis-py's retries
+        # (about a minute, measured): the claim's time bound fences imports meanwhile, and
+        # the watchdog must not kill the daemon for that wait.
+        self.heartbeat = Heartbeat("coordination", limit=max(90.0, 3 * self.lease))
 
     # -- what the daemon asks
 
@@ -156,14 +159,11 @@ class Lease:
     def _renew(self) -> bool:
         """Renew the claim; False when the backend says it is no longer ours."""
         assert self._lock is not None
-        self._lock.heartbeat()
-        still = getattr(self._lock, "is_still_owner", None)   # redis
-        if still is not None:
-            return bool(still())
+        self._lock.heartbeat()   # tooz ignores a lapsed claim here: check it ourselves
         lease = getattr(self._lock, "_lease", None)   # etcd3gw: the lock key lives on a lease
-        if lease is not None:
+        if lease is not None:                         # (is_still_owner: NotImplemented)
             return lease.ttl() > 0
-        return bool(self._lock.acquired)
+        return bool(self._lock.is_still_owner())     # redis: the key holds our token
 
     def _trouble(self, exc: Exception) -> None:
         first = self.error is None

@@ -1,7 +1,8 @@
 """`imagesync doctor`: can imagesync work here? One Result per check, each with a fix.
 
-Checks Glance (reachable, multi-store, copy-image, may copy), RabbitMQ (the pool queue),
-the ledger (notifications arriving, writable, private) and the policy. Changes nothing:
+Checks the coordination backend (when [coordination] backend_url is set: who is active),
+Glance (reachable, multi-store, copy-image, may copy), RabbitMQ (the pool queue), the ledger
+(notifications arriving, writable, private) and the policy. Changes nothing:
 the queue check is passive, and the copy check sends a copy-image request Glance must
 refuse (a store the image is already in). Results may carry URLs: the CLI masks
 credentials before printing.
@@ -20,8 +21,9 @@ OK, WARN, FAIL = "OK", "WARN", "FAIL"
 BACKLOG = 10_000  # messages waiting in the pool queue before it is worth a warning
 COPY_IMAGE = "copy-image"
 MAY_COPY = "credentials may copy"
-TITLES = ("configuration", "Glance reachable", "multi-store", "copy-image enabled", MAY_COPY,
-          "notification queue", "notifications arriving", "policy valid", "ledger writable")
+TITLES = ("configuration", "coordination", "Glance reachable", "multi-store",
+          "copy-image enabled", MAY_COPY, "notification queue", "notifications arriving",
+          "policy valid", "ledger writable")
 
 # -- "credentials may copy": ask Glance the real question ---------------------------------
 # Glance 33's import handler (glance/api/v2/images.py, ImagesController.import_image) checks,
@@ -52,6 +54,8 @@ def run(conf, now: float, glance_factory: Callable | None = None,
     yield Result(OK if files else WARN, "configuration",
                  f"read {', '.join(files)}" if files else "no configuration file: defaults only",
                  "pass --config-file PATH, or create /etc/imagesync/imagesync.conf")
+    view = ask_members(conf) if conf.coordination.backend_url else None
+    yield coordination_check(view, now)
     stores = None
     glance, result = _connect(conf, glance_factory)
     if glance is not None:
@@ -60,7 +64,7 @@ def run(conf, now: float, glance_factory: Callable | None = None,
     else:
         yield result
     yield queue_check(conf, queue_probe or probe_queue)
-    yield events_check(conf.imagesync.ledger_path, now)
+    yield events_check(conf.imagesync.ledger_path, now, elsewhere=_active_elsewhere(view))
     yield policy_check(conf.imagesync.policy_file, stores)
     yield ledger_check(conf.imagesync.ledger_path)
 
@@ -190,6 +194,161 @@ def copy_verdict(status: int | None, message: str, image_id: str, store: str,
                                   f"{f'HTTP {status}: ' if status else ''}{message}", "try again")
 
 
+# -- coordination: which controller's daemon is active ------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Members:
+    """What the coordination backend says, as `status` and doctor show it."""
+    backend: str               # the URL, password masked
+    member: str                # this node's member id
+    found: dict | None         # member id -> {"role", "since"}; None: backend not reached
+    error: str | None = None   # why not
+
+    def role(self) -> str | None:
+        caps = (self.found or {}).get(self.member)
+        return caps.get("role") if isinstance(caps, dict) else None
+
+    def active(self) -> list[tuple[str, float | None]]:
+        """(member, since) of each member that says it is active, the latest last."""
+        out = [(m, c.get("since")) for m, c in (self.found or {}).items()
+               if isinstance(c, dict) and c.get("role") == "active"]
+        return sorted(out, key=lambda ms: (ms[1] if isinstance(ms[1], (int, float)) else 0))
+
+
+ASK_TIMEOUT = 5.0   # seconds `status` and doctor wait for the coordination backend
+
+
+def ask_members(conf, lookup: Callable | None = None) -> Members:
+    """Ask [coordination] backend_url for the members and their roles; never raises, and
+    answers within ASK_TIMEOUT seconds. A backend no daemon has joined yet answers "no
+    group": no members, not an error."""
+    from imagesync import coordination
+
+    url = conf.coordination.backend_url
+    member = conf.coordination.member_id or coordination.default_member_id()
+    backend, password = coordination.redact(url), _password(url)
+
+    def masked(text: str) -> str:
+        return text.replace(password, "***") if password else text
+
+    warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")  # via futurist
+    try:
+        found = _within(ASK_TIMEOUT, lookup or coordination.members, url)
+    except TimeoutError as exc:
+        return Members(backend, member, None, masked(str(exc)))
+    except Exception as exc:  # noqa: BLE001 - tooz, redis and etcd errors alike
+        if type(exc).__name__ == "GroupNotCreated":
+            return Members(backend, member, {})
+        return Members(backend, member, None, masked(_first_line(exc)))
+    return Members(backend, member, found)
+
+
+def _first_line(exc: BaseException) -> str:
+    """"Type: first line", the line from the exception's cause when it has no text of its
+    own (tooz's etcd driver raises ConnectionFailedError() from requests' error)."""
+    said: BaseException | None = exc
+    while said is not None and not str(said).strip():
+        said = said.__cause__ or said.__context__
+    text = (str(said).strip().splitlines() or [""])[0][:300] if said is not None else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _within(timeout: float, lookup: Callable, url: str):
+    """lookup(url) in a thread of its own, waited for `timeout` seconds: tooz's redis driver
+    retries a refused connection or a wrong password 15 times (about a minute), and a host
+    that drops packets would hold the CLI longer. On time out, TimeoutError says the last
+    thing tooz logged (its retries name the cause)."""
+    import logging
+    import threading
+
+    answer: dict = {}
+    done = threading.Event()   # not Thread.join(): see imagesync.coordination.Lease
+    heard: list[str] = []
+
+    class Heard(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            heard.append(record.getMessage())
+
+    def call() -> None:
+        try:
+            answer["found"] = lookup(url)
+        except Exception as exc:  # noqa: BLE001 - handed to the caller
+            answer["error"] = exc
+        finally:
+            done.set()
+
+    tooz_log, handler = logging.getLogger("tooz"), Heard(logging.DEBUG)
+    level, propagate = tooz_log.level, tooz_log.propagate
+    tooz_log.addHandler(handler)
+    tooz_log.setLevel(logging.DEBUG)
+    tooz_log.propagate = False   # its retries are ours to summarise, not to print
+    try:
+        threading.Thread(target=call, name="imagesync-members", daemon=True).start()
+        if not done.wait(timeout):
+            last = f"; tooz said: {heard[-1].splitlines()[0][:200]}" if heard else ""
+            raise TimeoutError(f"no answer within {timeout:g} s{last}")
+    finally:
+        tooz_log.removeHandler(handler)
+        tooz_log.setLevel(level)
+        tooz_log.propagate = propagate
+    if "error" in answer:
+        raise answer["error"]
+    return answer["found"]
+
+
+def _password(url: str) -> str | None:
+    from urllib.parse import urlsplit
+
+    try:
+        return urlsplit(url).password or None
+    except ValueError:
+        return None
+
+
+def coordination_check(view: Members | None, now: float) -> Result:
+    from imagesync import output
+
+    title = "coordination"
+    if view is None:
+        return Result(OK, title, "not configured: this daemon works alone ([coordination] "
+                                 "backend_url is unset)")
+    if view.found is None:
+        return Result(FAIL, title, f"cannot reach {view.backend}: {view.error}",
+                      "check [coordination] backend_url (host, port, password, sentinel "
+                      "name) and that the backend answers from this host")
+    role = view.role() or "not a member: its daemon is stopped or cannot reach the backend"
+    mine = f"this node ({view.member}) {role}"
+    active = view.active()
+    if not active:
+        others = ", ".join(f"{m} {c.get('role') if isinstance(c, dict) else None}"
+                           for m, c in sorted(view.found.items())) or "none"
+        return Result(WARN, title, f"no member is active on {view.backend} (members: "
+                                   f"{others}); {mine}",
+                      "start imagesync-daemon with this backend_url on the controllers; a "
+                      "standby takes over within [coordination] lease seconds of a failover")
+    member, since = active[-1]
+    when = (f" since {output.iso(since)} ({output.ago(since, now)})"
+            if isinstance(since, (int, float)) else "")
+    detail = f"active: {member}{when}; {mine}"
+    if len(active) > 1:
+        return Result(WARN, title, f"{detail}; {len(active)} members say they are active: "
+                                   f"{', '.join(m for m, _ in active)}",
+                      "a claim lost a moment ago shows until its holder publishes standby; if "
+                      "it lasts, give each controller its own [coordination] member_id")
+    return Result(OK, title, detail)
+
+
+def _active_elsewhere(view: Members | None) -> str | None:
+    """When another member is active: "this node (ctl2) is standby; ctl1 is active"."""
+    if view is None or view.found is None or not view.active():
+        return None
+    member = view.active()[-1][0]
+    if member == view.member:
+        return None
+    return f"this node ({view.member}) is {view.role() or 'not a member'}; {member} is active"
+
+
 def queue_name(conf) -> str:
     """The queue the daemon consumes: its pool's, or with no pool the topic's own."""
     n = conf.notifications
@@ -253,7 +412,9 @@ def queue_check(conf, probe) -> Result:
     return Result(OK, title, detail)
 
 
-def events_check(ledger_path: str, now: float) -> Result:
+def events_check(ledger_path: str, now: float, elsewhere: str | None = None) -> Result:
+    """The ledger's last notification. `elsewhere`: another member is active (this node's
+    ledger hears nothing meanwhile), so the check belongs to that member's doctor."""
     from imagesync import ledger, output
 
     title = "notifications arriving"
@@ -265,6 +426,11 @@ def events_check(ledger_path: str, now: float) -> Result:
         conn.close()
     except ledger.LedgerError as exc:
         return Result(WARN, title, f"cannot tell: {exc}", "start the daemon")
+    if elsewhere:
+        last = (f"last one here {output.ago(daemon['last_event_at'], now)}"
+                if daemon and daemon["last_event_at"] is not None else "none here yet")
+        return Result(OK, title, f"not this node's to hear: {elsewhere} and records them "
+                                 f"(imagesync doctor there checks them); {last}")
     if not daemon or daemon["last_event_at"] is None:
         return Result(WARN, title, "the daemon has recorded no notification yet", hint)
     return Result(OK, title, f"last one {output.ago(daemon['last_event_at'], now)} "

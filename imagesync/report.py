@@ -95,6 +95,81 @@ def daemon_text(daemon: dict | None, running: bool | None, now: float) -> str:
     return f"daemon: {state}; {heard}; {swept}"
 
 
+def _members(found: dict | None) -> dict[str, tuple[str, float | None]]:
+    """coordination.members()'s answer as member id -> (role, since), sorted by id."""
+    out = {}
+    for member, caps in sorted((found or {}).items()):
+        caps = caps if isinstance(caps, dict) else {}
+        since = caps.get("since")
+        out[member] = (str(caps.get("role") or "unknown"),
+                       float(since) if isinstance(since, (int, float)) else None)
+    return out
+
+
+def _active(members: dict[str, tuple[str, float | None]]) -> str | None:
+    """The active member; should two say so for a moment (a lost claim not yet published),
+    the one that became active last."""
+    active = sorted((since or 0.0, m) for m, (role, since) in members.items()
+                    if role == "active")
+    return active[-1][1] if active else None
+
+
+def coordination_record(backend: str, member: str, found: dict | None,
+                        error: str | None) -> dict:
+    """`status -f json`'s "coordination": who is active since when, and this node's role.
+
+    `backend` is the URL already redacted; `found` is what coordination.members() answered
+    (member id -> {"role", "since"}), None when the backend could not be asked (`error`)."""
+    members = _members(found)
+    active = _active(members)
+    return {"backend": backend, "member": member,
+            "role": members[member][0] if member in members else None,
+            "active_member": active, "active_since": iso(members[active][1]) if active else None,
+            "members": None if found is None else
+            {m: {"role": role, "since": iso(since)} for m, (role, since) in members.items()},
+            "error": error}
+
+
+def coordination_lines(backend: str, member: str, found: dict | None, error: str | None,
+                       now: float) -> list[str]:
+    """Above `status`'s store table: who is active and this node's role, and, on any node but
+    the active one, that its ledger is the last known view (written only while active)."""
+    if found is None:
+        return [f"coordination: cannot reach {backend} ({error}); this node's role is "
+                "unknown: the ledger below may be behind the active daemon's"]
+    members = _members(found)
+    active = _active(members)
+
+    def this(m: str) -> str:
+        return m + (" (this node)" if m == member else "")
+
+    def named(role: str) -> str:
+        return f"{role} " + ", ".join(this(m) for m, (r, _) in members.items() if r == role)
+
+    if active:
+        since = members[active][1]
+        head = f"active {this(active)}" + (f" since {iso(since)} ({ago(since, now)})"
+                                           if since is not None else "")
+    else:
+        head = "no member is active"
+    parts = [head]
+    also = [this(m) for m, (r, _) in members.items() if r == "active" and m != active]
+    if also:   # a claim lost a moment ago, until its holder publishes standby
+        parts.append(f"also saying active: {', '.join(also)}")
+    parts += [named(r) for r in sorted({r for r, _ in members.values()} - {"active"},
+                                       key=lambda r: (r != "standby", r))]
+    if member not in members:
+        parts.append(f"this node ({member}) is not a member: its daemon is stopped or cannot "
+                     "reach the backend")
+    lines = ["coordination: " + "; ".join(parts)]
+    if member != active:
+        there = (f"{active} is active: imagesync status there shows the current view"
+                 if active else "no member is active now")
+        lines.append(f"last known: this node's ledger, written only while its daemon is "
+                     f"active ({there})")
+    return lines
+
+
 def _lock(image: dict) -> dict | None:
     if not image.get("lock_task"):
         return None

@@ -53,10 +53,7 @@ def sandbox(tmp_path_factory):
 
 def listening_ports(box) -> list[int]:
     """Every port a sandbox's services listen on."""
-    st = box.state
-    return [st["rabbit"]["port"], st["rabbit"]["dist_port"], st["rabbit"]["epmd_port"],
-            st["mariadb"]["port"], st["keystone"]["port"], st["haproxy"]["glance_port"],
-            st["haproxy"]["keystone_port"], *(st[n]["port"] for n in sandbox_mod.NODES)]
+    return box.ports()
 
 
 def _connect(box, cloud: str = sandbox_mod.CLOUD):

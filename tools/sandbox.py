@@ -9,7 +9,9 @@ The shape operators run: Keystone 30 (fernet tokens, uWSGI) and two Glance 33 AP
 (uWSGI, keystonemiddleware, the stock API policy) behind one HAProxy that terminates TLS with
 a certificate from the sandbox's own CA; RabbitMQ with a vhost and a user per service (no
 guest); MariaDB holding Keystone's and Glance's databases. imagesync reaches Glance through
-Keystone's catalog, as in production.
+Keystone's catalog, as in production. For several imagesync controllers, the coordination
+backends tooz drives: Redis (password), a Redis Sentinel watching it, and etcd
+(`coordination_url(backend)`).
 
 Standard library only (it runs before any virtualenv exists). Every service keeps
 its state and log under the sandbox directory, listens on 127.0.0.1 only, and is
@@ -38,7 +40,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 # systemd, dbus, python3-venv, util-linux, passwd: the real systemd the unit tests boot in
 # namespaces (dbus for `systemd-analyze security`), and the unit's /opt/imagesync venv.
+# redis-server, redis-sentinel, etcd-server: run by hand from the binaries, like the rest; what
+# Debian's units would start (on 6379/2379, from /etc) is never read nor reached.
 APT_PACKAGES = ("rabbitmq-server", "mariadb-server", "libmariadb-dev", "haproxy", "openssl",
+                "redis-server", "redis-sentinel", "etcd-server",
                 "systemd", "dbus", "python3-venv", "util-linux", "passwd")
 GLANCE_PIP = ("glance>=33,<34", "uwsgi>=2.0.28", "mysqlclient>=2.2")
 KEYSTONE_PIP = ("keystone>=30,<31", "uwsgi>=2.0.28", "mysqlclient>=2.2")
@@ -63,6 +68,9 @@ CLOUDS = {"sandbox-owner": "owner-a", "sandbox-member": "member-a",
           "sandbox-member-b": "member-b"}
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
 VHOST = "openstack"
+COORDINATION = ("redis", "sentinel", "etcd")   # tooz backends: coordination_url(backend)
+SENTINEL_MASTER = "imagesync"                  # the master name the Sentinel watches
+ETCD_BIN = Path("/usr/bin/etcd")
 
 
 class SandboxError(RuntimeError):
@@ -117,6 +125,45 @@ def port_open(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.2)
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _resp(*args: str) -> bytes:
+    """One command in RESP, the Redis protocol."""
+    out = b"*%d\r\n" % len(args)
+    for a in args:
+        b = a.encode()
+        out += b"$%d\r\n%s\r\n" % (len(b), b)
+    return out
+
+
+def _read_resp(f):
+    """One RESP reply: str, int, None or a list; an error reply raises SandboxError."""
+    line = f.readline()
+    if not line.endswith(b"\r\n"):
+        raise OSError("connection closed mid-reply")
+    kind, rest = line[:1], line[1:-2].decode()
+    if kind == b"+":
+        return rest
+    if kind == b"-":
+        raise SandboxError(f"Redis answered: {rest}")
+    if kind == b":":
+        return int(rest)
+    if kind == b"$":
+        return None if int(rest) < 0 else f.read(int(rest) + 2)[:-2].decode()
+    if kind == b"*":
+        return None if int(rest) < 0 else [_read_resp(f) for _ in range(int(rest))]
+    raise OSError(f"not a RESP reply: {line!r}")
+
+
+def redis_command(port: int, *args: str, password: str | None = None, timeout: float = 5.0):
+    """Send one command to the Redis or Sentinel on 127.0.0.1:port (AUTH first when a password
+    is given) and return its reply. Raises OSError or SandboxError (an error reply)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        commands = ([("AUTH", password)] if password else []) + [args]
+        s.sendall(b"".join(_resp(*c) for c in commands))
+        with s.makefile("rb") as f:
+            replies = [_read_resp(f) for _ in commands]
+    return replies[-1]
 
 
 def wait_for(what: str, check, timeout: float, logfile: Path | None = None, proc=None) -> None:
@@ -230,7 +277,7 @@ def _ini(sections: dict[str, dict[str, str]]) -> str:
 class Sandbox:
     """One sandbox directory: its config, state file, services and logs."""
 
-    SERVICES = ("rabbit", "mariadb", "keystone", *NODES, "haproxy")
+    SERVICES = ("rabbit", "mariadb", "keystone", *NODES, "haproxy", *COORDINATION)
 
     def __init__(self, directory: Path | str = DEFAULT_DIR):
         self.dir = Path(directory).resolve()
@@ -284,7 +331,39 @@ class Sandbox:
     def clouds_yaml(self) -> Path:
         return self.dir / "clouds.yaml"
 
+    def coordination_url(self, backend: str = "redis") -> str:
+        """A tooz backend URL: "redis" (the Redis itself, with its password), "sentinel" (the
+        Sentinel, which names the current master; the master's password in the URL's userinfo,
+        the Sentinel's own in `sentinel_password`), "etcd" (etcd 3.4's gRPC gateway, /v3/)."""
+        if backend == "redis":
+            r = self.state["redis"]
+            return f"redis://:{r['password']}@127.0.0.1:{r['port']}"
+        if backend == "sentinel":
+            pw = self.state["redis"]["password"]
+            return (f"redis://:{pw}@127.0.0.1:{self.state['sentinel']['port']}"
+                    f"?sentinel={SENTINEL_MASTER}&sentinel_password={pw}")
+        if backend == "etcd":
+            return f"etcd3+http://127.0.0.1:{self.state['etcd']['port']}?api_version=v3"
+        raise SandboxError(f"no coordination backend {backend!r}; known: "
+                           f"{', '.join(COORDINATION)}")
+
+    @property
+    def etcd_url(self) -> str:
+        """etcd's client URL (plain HTTP; GET /health, the /v3/ JSON gateway)."""
+        return f"http://127.0.0.1:{self.state['etcd']['port']}"
+
+    def ports(self) -> list[int]:
+        """Every port the sandbox's services listen on."""
+        st = self.state
+        return [st["rabbit"]["port"], st["rabbit"]["dist_port"], st["rabbit"]["epmd_port"],
+                st["mariadb"]["port"], st["keystone"]["port"], st["haproxy"]["glance_port"],
+                st["haproxy"]["keystone_port"], *(st[n]["port"] for n in NODES),
+                st["redis"]["port"], st["sentinel"]["port"], st["etcd"]["port"],
+                st["etcd"]["peer_port"]]
+
     def env(self) -> dict[str, str]:
+        coordination = ({"IMAGESYNC_COORDINATION_URL": self.coordination_url("redis")}
+                        if "redis" in self.state else {})   # none in a sandbox made before it
         return {
             "OS_CLIENT_CONFIG_FILE": str(self.clouds_yaml),
             "OS_CLOUD": CLOUD,
@@ -292,6 +371,7 @@ class Sandbox:
             "IMAGESYNC_KEYSTONE_URL": self.keystone_url,
             "IMAGESYNC_CACERT": str(self.cacert),
             "IMAGESYNC_TRANSPORT_URL": self.transport_url,
+            **coordination,
             "IMAGESYNC_SANDBOX_DIR": str(self.dir),
         }
 
@@ -306,7 +386,7 @@ class Sandbox:
         if any(self.running().values()):
             raise SandboxError(f"sandbox in {self.dir} is already running; run 'down' first")
         install()
-        for sub in ("log", "etc", "rabbit", "mariadb", "keystone", "tls", "haproxy",
+        for sub in ("log", "etc", "rabbit", "mariadb", "keystone", "tls", "haproxy", "redis",
                     *(f"glance/{n}/{d}" for n in NODES for d in ("staging", "tasks", "locks")),
                     *(f"glance/stores/{s}" for s in STORES)):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
@@ -320,6 +400,8 @@ class Sandbox:
         t0 = time.monotonic()
         try:
             rabbit = self._in_thread(self._start_rabbit)
+            coordination = [self._in_thread(self._start_redis_and_sentinel),
+                            self._in_thread(self._start_etcd)]
             self._make_tls()
             self._start_mariadb()
             self._prepare_keystone_and_glance()
@@ -328,7 +410,7 @@ class Sandbox:
             nodes = [self._in_thread(self._start_glance, n) for n in NODES]
             self._wait_keystone()
             self._seed()
-            for t in (*nodes, rabbit):
+            for t in (*nodes, rabbit, *coordination):
                 t.result()
             self._wait_haproxy()
         except BaseException:
@@ -337,7 +419,9 @@ class Sandbox:
         self._write_clouds_yaml()
         log(f"up in {time.monotonic() - t0:.1f}s: Glance {self.glance_url} (nodes "
             f"{', '.join(self.node_url(n) for n in NODES)}), Keystone {self.keystone_url}, "
-            f"RabbitMQ 127.0.0.1:{self.state['rabbit']['port']}/{VHOST}")
+            f"RabbitMQ 127.0.0.1:{self.state['rabbit']['port']}/{VHOST}, Redis "
+            f"127.0.0.1:{self.state['redis']['port']} (Sentinel :{self.state['sentinel']['port']}"
+            f"), etcd {self.etcd_url}")
         return self
 
     def down(self) -> None:
@@ -345,7 +429,8 @@ class Sandbox:
         if rabbit and pid_alive(rabbit.get("pid")):
             run([RABBIT_BIN / "rabbitmqctl", "stop"], env=self._rabbit_env(), check=False,
                 capture_output=True, timeout=60)
-        for name in (*NODES, "haproxy", "keystone", "mariadb", "rabbit"):
+        for name in (*NODES, "haproxy", "keystone", "mariadb", "rabbit", "sentinel", "redis",
+                     "etcd"):
             stop_pid(self.state.get(name, {}).get("pid"), name)
         if rabbit and rabbit.get("epmd_port"):
             run(["epmd", "-port", rabbit["epmd_port"], "-kill"], check=False, capture_output=True,
@@ -378,7 +463,8 @@ class Sandbox:
     def start_service(self, name: str) -> None:
         names = self._names(name)
         starts = {"rabbit": self._start_rabbit, "mariadb": self._start_mariadb,
-                  "haproxy": self._start_haproxy}
+                  "haproxy": self._start_haproxy, "redis": self._start_redis,
+                  "sentinel": self._start_sentinel, "etcd": self._start_etcd}
         if "keystone" in names:
             self._start_keystone()
             self._wait_keystone()
@@ -387,6 +473,12 @@ class Sandbox:
         for n in names:
             if n in starts:
                 starts[n]()
+        if "redis" in names and self.running()["sentinel"]:
+            # Until the Sentinel counts its master up again: redis-py refuses a master
+            # flagged s_down or o_down.
+            port = self.state["sentinel"]["port"]
+            wait_for("Redis Sentinel counting Redis up", lambda: self._sentinel_ready(port), 30,
+                     self.dir / "log" / "sentinel.log")
         behind = tuple(n for n in names if n in ("keystone", *NODES))
         if "haproxy" in names:
             self._wait_haproxy()
@@ -436,6 +528,9 @@ class Sandbox:
         for n in NODES:
             st.setdefault(n, {"port": free_port()})
         st.setdefault("haproxy", {"glance_port": free_port(), "keystone_port": free_port()})
+        st.setdefault("redis", {"port": free_port(), "password": secrets.token_hex(16)})
+        st.setdefault("sentinel", {"port": free_port()})
+        st.setdefault("etcd", {"port": free_port(), "peer_port": free_port()})
         self._save()
 
     # -- TLS
@@ -616,6 +711,101 @@ class Sandbox:
         out = self.sql(f"UPDATE image_locations SET meta_data = '{{}}' WHERE image_id = "
                        f"'{image_id}' AND deleted = 0; SELECT ROW_COUNT();")
         return int(out.split()[-1])
+
+    # -- coordination: Redis, its Sentinel, etcd
+
+    def _popen(self, cmd: list, logfile: Path, env: dict[str, str] | None = None):
+        return subprocess.Popen([str(c) for c in cmd], start_new_session=True, env=env,
+                                stdin=subprocess.DEVNULL, stdout=open(logfile, "ab"),
+                                stderr=subprocess.STDOUT)
+
+    def _redis_ready(self, port: int) -> bool:
+        try:
+            return redis_command(port, "PING", password=self.state["redis"]["password"]) == "PONG"
+        except (OSError, SandboxError):
+            return False
+
+    def _start_redis_and_sentinel(self) -> None:
+        self._start_redis()
+        self._start_sentinel()
+
+    def _start_redis(self) -> None:
+        """Redis with a password, on loopback, without persistence (tooz's locks and group
+        members live as long as their TTLs; a restarted Redis starts empty)."""
+        r, base = self.state["redis"], self.dir / "redis"
+        base.chmod(0o700)   # Sentinel rewrites its config (with the password) world-readable
+        conf = base / "redis.conf"
+        conf.write_text(
+            f"bind 127.0.0.1\nport {r['port']}\nprotected-mode yes\n"
+            f"requirepass {r['password']}\n"
+            f"daemonize no\nsupervised no\npidfile {base / 'redis.pid'}\n"
+            f'logfile ""\ndir {base}\nsave ""\nappendonly no\n')
+        conf.chmod(0o600)
+        logfile = self.dir / "log" / "redis.log"
+        proc = self._popen(["redis-server", conf], logfile)
+        r["pid"] = proc.pid
+        self._save()
+        wait_for("Redis", lambda: self._redis_ready(r["port"]), 30, logfile, proc)
+
+    def _start_sentinel(self) -> None:
+        """One Sentinel watching the Redis as master `imagesync`, with the same password.
+        Sentinel rewrites its config file (ids, known replicas): it is written fresh each
+        start."""
+        s, r, base = self.state["sentinel"], self.state["redis"], self.dir / "redis"
+        conf = base / "sentinel.conf"
+        conf.write_text(
+            f"bind 127.0.0.1\nport {s['port']}\nprotected-mode yes\n"
+            f"requirepass {r['password']}\n"
+            f"daemonize no\npidfile {base / 'sentinel.pid'}\nlogfile \"\"\ndir {base}\n"
+            f"sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {r['port']} 1\n"
+            f"sentinel auth-pass {SENTINEL_MASTER} {r['password']}\n"
+            f"sentinel down-after-milliseconds {SENTINEL_MASTER} 2000\n"
+            f"sentinel failover-timeout {SENTINEL_MASTER} 10000\n")
+        conf.chmod(0o600)
+        logfile = self.dir / "log" / "sentinel.log"
+        proc = self._popen(["redis-sentinel", conf], logfile)
+        s["pid"] = proc.pid
+        self._save()
+        wait_for("Redis Sentinel", lambda: self._sentinel_ready(s["port"]), 30, logfile, proc)
+
+    def _sentinel_ready(self, port: int) -> bool:
+        """The Sentinel names the sandbox's Redis as master and holds it up: redis-py refuses
+        a master the Sentinel flags s_down or o_down."""
+        try:
+            reply = redis_command(port, "SENTINEL", "MASTER", SENTINEL_MASTER,
+                                  password=self.state["redis"]["password"])
+        except (OSError, SandboxError):
+            return False
+        master = dict(zip(reply[::2], reply[1::2], strict=False))
+        return (master.get("flags") == "master" and master.get("ip") == "127.0.0.1"
+                and master.get("port") == str(self.state["redis"]["port"]))
+
+    def _start_etcd(self) -> None:
+        """A one-member etcd 3.4; a restarted etcd keeps its data directory."""
+        e, data = self.state["etcd"], self.dir / "etcd"
+        data.mkdir(mode=0o700, exist_ok=True)
+        data.chmod(0o700)
+        client, peer = self.etcd_url, f"http://127.0.0.1:{e['peer_port']}"
+        # etcd also reads its flags from ETCD_* variables: none of the caller's may count.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
+        logfile = self.dir / "log" / "etcd.log"
+        proc = self._popen([ETCD_BIN, "--name", "sandbox", "--data-dir", data,
+                            "--listen-client-urls", client, "--advertise-client-urls", client,
+                            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                            "--initial-cluster", f"sandbox={peer}",
+                            "--initial-cluster-state", "new",
+                            "--initial-cluster-token", "imagesync-sandbox",
+                            "--logger", "zap", "--log-outputs", "stderr"], logfile, env)
+        e["pid"] = proc.pid
+        self._save()
+        wait_for("etcd", self._etcd_healthy, 60, logfile, proc)
+
+    def _etcd_healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.etcd_url + "/health", timeout=5) as resp:
+                return json.loads(resp.read()) == {"health": "true"}
+        except (OSError, ValueError):
+            return False
 
     # -- Keystone
 
@@ -956,6 +1146,10 @@ def main(argv: list[str] | None = None) -> int:
                      "mariadb": lambda: f"127.0.0.1:{box.state['mariadb']['port']}",
                      "keystone": lambda: box.keystone_url,
                      "haproxy": lambda: box.glance_url,
+                     "redis": lambda: f"127.0.0.1:{box.state['redis']['port']}",
+                     "sentinel": lambda: f"127.0.0.1:{box.state['sentinel']['port']} "
+                                         f"(master {SENTINEL_MASTER})",
+                     "etcd": lambda: box.etcd_url,
                      **{n: (lambda n=n: box.node_url(n)) for n in NODES}}
             for name, alive in states.items():
                 at = where[name]() if name in box.state else ""

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -866,13 +867,15 @@ def test_doctor_runs_every_check_in_order_against_what_it_is_given(conf_file, le
 
     assert [r.title for r in results] == list(doctor.TITLES)
     assert [(r.status, r.title) for r in results] == [
-        ("OK", "configuration"), ("OK", "Glance reachable"), ("OK", "multi-store"),
-        ("OK", "copy-image enabled"), ("OK", "credentials may copy"),
+        ("OK", "configuration"), ("OK", "coordination"), ("OK", "Glance reachable"),
+        ("OK", "multi-store"), ("OK", "copy-image enabled"), ("OK", "credentials may copy"),
         ("OK", "notification queue"), ("OK", "notifications arriving"),
         ("WARN", "policy valid"), ("OK", "ledger writable")]
-    assert results[6].detail == "last one 30 s ago (3 in all)"
+    assert results[1].detail == ("not configured: this daemon works alone ([coordination] "
+                                 "backend_url is unset)")
+    assert results[7].detail == "last one 30 s ago (3 in all)"
     assert "1 rule(s), 1 warning(s); store names checked against the live stores" \
-        in results[7].detail  # the fixture's policy has `match: {}`
+        in results[8].detail  # the fixture's policy has `match: {}`
 
 
 def test_doctor_checks_the_ledger_is_writable_and_private(tmp_path, ledger_path):
@@ -958,3 +961,320 @@ def test_retry_all_failed_with_nothing_failed_says_so(run, ledger_path):
 
     assert result.exit_code == 0
     assert result.output == "no failed copies: nothing to retry\n"
+
+
+# -- several controllers: status and doctor ask the coordination backend ------------------
+# The backend is faked at imagesync.coordination.members (what the daemons published);
+# tests/functional runs status and doctor against the sandbox's Redis and etcd.
+
+BACKEND = "redis://:s3cret@ctl1:6379"
+SHOWN = "redis://:***@ctl1:6379"
+PUBLISHED = {"ctl1": {"role": "active", "since": T0 - 7200},
+             "ctl2": {"role": "standby", "since": T0 - 600},
+             "ctl3": {"role": "standby", "since": T0 - 60}}
+
+
+@pytest.fixture
+def controllers(conf_file, monkeypatch):
+    """[coordination] set in the config; returns set(published=..., member=...) to choose
+    what the backend answers (a dict, or an exception it raises) and which node this is."""
+    from imagesync import coordination
+
+    state = {"published": PUBLISHED, "asked": []}
+
+    def members(url, *args, **kw):
+        state["asked"].append(url)
+        if isinstance(state["published"], BaseException):
+            raise state["published"]
+        return state["published"]
+
+    monkeypatch.setattr(coordination, "members", members)
+
+    def configure(published=PUBLISHED, member="ctl2"):
+        state["published"] = published
+        text = conf_file.read_text().split("[coordination]")[0]
+        conf_file.write_text(f"{text}[coordination]\nbackend_url = {BACKEND}\n"
+                             f"member_id = {member}\n")
+        return state
+
+    configure()
+    return configure
+
+
+def test_status_on_a_standby_names_the_active_member_and_labels_the_ledger_last_known(
+        run, ledger_path, controllers):
+    state = controllers(member="ctl2")
+
+    result = run("status")
+
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == ("coordination: active ctl1 since 2027-01-15T06:00:00Z (2 h ago); "
+                        "standby ctl2 (this node), ctl3")
+    assert lines[1] == ("last known: this node's ledger, written only while its daemon is "
+                        "active (ctl1 is active: imagesync status there shows the current view)")
+    assert lines[3].split("|")[1].strip() == "store"  # then the ledger's view, as before
+    assert lines[-1].startswith("daemon: not running")
+    assert state["asked"] == [BACKEND]
+    assert "s3cret" not in result.output
+
+
+def test_status_on_the_active_member_says_so_without_a_last_known_label(
+        run, ledger_path, controllers):
+    controllers(member="ctl1")
+
+    lines = run("status").output.splitlines()
+
+    assert lines[0] == ("coordination: active ctl1 (this node) since 2027-01-15T06:00:00Z "
+                        "(2 h ago); standby ctl2, ctl3")
+    assert lines[2].split("|")[1].strip() == "store"
+    assert not any(line.startswith("last known") for line in lines)
+
+
+def test_status_as_json_carries_who_is_active_and_this_nodes_role(
+        run, ledger_path, controllers):
+    controllers(member="ctl3")
+
+    result = run("status", "-f", "json")
+
+    assert result.exit_code == 0, result.output
+    body = json.loads(result.output)
+    assert body["coordination"] == {
+        "backend": SHOWN, "member": "ctl3", "role": "standby", "active_member": "ctl1",
+        "active_since": "2027-01-15T06:00:00Z",
+        "members": {"ctl1": {"role": "active", "since": "2027-01-15T06:00:00Z"},
+                    "ctl2": {"role": "standby", "since": "2027-01-15T07:50:00Z"},
+                    "ctl3": {"role": "standby", "since": "2027-01-15T07:59:00Z"}},
+        "error": None}
+    assert [s["store"] for s in body["stores"]] == ["edge", "slow"]  # the ledger still
+    assert "s3cret" not in result.output
+
+
+def test_status_without_a_member_active_or_with_this_node_absent_says_both(
+        run, ledger_path, controllers):
+    controllers({"ctl2": {"role": "standby", "since": T0 - 5},
+                 "ctl3": {"role": "disconnected", "since": T0 - 5}}, member="ctl4")
+
+    lines = run("status").output.splitlines()
+
+    assert lines[0] == ("coordination: no member is active; standby ctl2; disconnected ctl3; "
+                        "this node (ctl4) is not a member: its daemon is stopped or cannot "
+                        "reach the backend")
+    assert lines[1] == ("last known: this node's ledger, written only while its daemon is "
+                        "active (no member is active now)")
+    body = json.loads(run("status", "-f", "json").output)["coordination"]
+    assert (body["role"], body["active_member"], body["active_since"]) == (None, None, None)
+
+
+def test_status_with_two_members_saying_active_shows_the_newer_claim_and_the_other(
+        run, ledger_path, controllers):
+    controllers({**PUBLISHED, "ctl2": {"role": "active", "since": T0 - 30}}, member="ctl1")
+
+    lines = run("status").output.splitlines()
+
+    assert lines[0] == ("coordination: active ctl2 since 2027-01-15T07:59:30Z (30 s ago); "
+                        "also saying active: ctl1 (this node); standby ctl3")
+    assert lines[1].startswith("last known: ") and "(ctl2 is active: " in lines[1]
+    body = json.loads(run("status", "-f", "json").output)["coordination"]
+    assert (body["role"], body["active_member"]) == ("active", "ctl2")
+
+
+def test_status_on_a_backend_no_daemon_joined_yet_lists_no_member(
+        run, ledger_path, controllers):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
+        from tooz.coordination import GroupNotCreated
+
+    controllers(GroupNotCreated(b"imagesync"))
+
+    result = run("status")
+
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0] == (
+        "coordination: no member is active; this node (ctl2) is not a member: its daemon is "
+        "stopped or cannot reach the backend")
+
+
+def test_status_with_the_backend_unreachable_says_so_in_one_line_and_shows_the_ledger(
+        run, ledger_path, controllers):
+    controllers(ConnectionError("Error 111 connecting to ctl1:6379 (password s3cret). "
+                                "Connection refused.\nTraceback: more"))
+
+    result = run("status")
+
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == (f"coordination: cannot reach {SHOWN} (ConnectionError: Error 111 "
+                        "connecting to ctl1:6379 (password ***). Connection refused.); this "
+                        "node's role is unknown: the ledger below may be behind the active "
+                        "daemon's")
+    assert lines[2].split("|")[1].strip() == "store"
+    assert lines[-1].startswith("daemon: ")
+    assert "s3cret" not in result.output
+    body = json.loads(run("status", "-f", "json").output)
+    assert body["coordination"]["members"] is None and body["coordination"]["role"] is None
+    assert body["coordination"]["error"].startswith("ConnectionError: Error 111")
+    assert body["stores"] and "s3cret" not in json.dumps(body)
+
+
+def test_status_without_a_backend_or_in_value_format_never_asks_one(
+        run, ledger_path, conf_file, controllers):
+    state = controllers()
+    value = run("status", "-f", "value", "-c", "store", "-c", "failed")
+    assert value.output == "edge 1\nslow 0\n"  # scripts get rows only
+    assert state["asked"] == []
+
+    conf_file.write_text(conf_file.read_text().split("[coordination]")[0])
+    table = run("status")
+    assert table.output.splitlines()[1].split("|")[1].strip() == "store"
+    assert json.loads(run("status", "-f", "json").output)["coordination"] is None
+    assert state["asked"] == []
+
+
+def _coordination_conf(conf_file):
+    from imagesync import conf as conf_mod
+
+    return conf_mod.load([], config_files=[str(conf_file)])
+
+
+def test_doctor_names_the_active_member_and_this_nodes_role(conf_file, controllers):
+    controllers(member="ctl2")
+
+    result = doctor.coordination_check(doctor.ask_members(_coordination_conf(conf_file)), T0)
+
+    assert (result.status, result.title) == ("OK", "coordination")
+    assert result.detail == "active: ctl1 since 2027-01-15T06:00:00Z (2 h ago); this node " \
+                            "(ctl2) standby"
+
+
+def test_doctor_warns_when_no_member_is_active(conf_file, controllers):
+    controllers({"ctl2": {"role": "standby", "since": T0}}, member="ctl2")
+
+    result = doctor.coordination_check(doctor.ask_members(_coordination_conf(conf_file)), T0)
+
+    assert result.status == "WARN"
+    assert result.detail == (f"no member is active on {SHOWN} (members: ctl2 standby); "
+                             "this node (ctl2) standby")
+    assert "start imagesync-daemon" in result.hint
+
+
+def test_doctor_warns_when_two_members_say_they_are_active(conf_file, controllers):
+    controllers({**PUBLISHED, "ctl2": {"role": "active", "since": T0 - 30}}, member="ctl2")
+
+    result = doctor.coordination_check(doctor.ask_members(_coordination_conf(conf_file)), T0)
+
+    assert result.status == "WARN"
+    assert result.detail.startswith("active: ctl2 since 2027-01-15T07:59:30Z (30 s ago); "
+                                    "this node (ctl2) active; 2 members say they are active")
+
+
+def test_doctor_fails_an_unreachable_backend_with_the_url_masked(conf_file, controllers):
+    controllers(ConnectionError("Error 111 connecting to ctl1:6379. Connection refused.\n"
+                                "second line"))
+
+    result = doctor.coordination_check(doctor.ask_members(_coordination_conf(conf_file)), T0)
+
+    assert result.status == "FAIL"
+    assert result.detail == (f"cannot reach {SHOWN}: ConnectionError: Error 111 connecting "
+                             "to ctl1:6379. Connection refused.")
+    assert "backend_url" in result.hint
+    assert "s3cret" not in result.detail + result.hint
+
+
+def test_a_backend_that_does_not_answer_in_time_is_reported_with_what_tooz_last_logged(
+        conf_file, controllers, monkeypatch):
+    # tooz's redis driver retries a refused connection or a wrong password about a minute.
+    import logging
+    import threading
+
+    from imagesync import coordination
+
+    controllers(member="ctl2")
+    release = threading.Event()
+
+    def retrying(url, *args, **kw):
+        logging.getLogger("tooz.drivers.redis").debug(
+            "Redis connection error, will retry - invalid username-password pair")
+        release.wait(10)
+        return PUBLISHED
+
+    monkeypatch.setattr(coordination, "members", retrying)
+    monkeypatch.setattr(doctor, "ASK_TIMEOUT", 0.2)
+    started = time.monotonic()
+
+    view = doctor.ask_members(_coordination_conf(conf_file))
+
+    release.set()
+    assert time.monotonic() - started < 2
+    assert view.found is None
+    assert view.error == ("no answer within 0.2 s; tooz said: Redis connection error, will "
+                          "retry - invalid username-password pair")
+    assert logging.getLogger("tooz").handlers == []   # the capture is gone again
+    result = doctor.coordination_check(view, T0)
+    assert (result.status, result.detail) == ("FAIL", f"cannot reach {SHOWN}: {view.error}")
+
+
+def test_an_error_without_text_is_told_by_the_error_it_came_from(conf_file, controllers):
+    class ConnectionFailedError(Exception):  # tooz's etcd driver raises it without text
+        pass
+
+    failed = ConnectionFailedError()
+    failed.__context__ = ConnectionError("Failed to establish a new connection: [Errno 111] "
+                                         "Connection refused")
+    controllers(failed, member="ctl4")
+
+    view = doctor.ask_members(_coordination_conf(conf_file))
+
+    assert view.error == ("ConnectionFailedError: Failed to establish a new connection: "
+                          "[Errno 111] Connection refused")
+
+
+def test_doctor_on_a_node_whose_daemon_is_not_a_member_still_names_the_active_one(
+        conf_file, controllers):
+    controllers(member="ctl4")
+
+    result = doctor.coordination_check(doctor.ask_members(_coordination_conf(conf_file)), T0)
+
+    assert (result.status, result.detail) == (
+        "OK", "active: ctl1 since 2027-01-15T06:00:00Z (2 h ago); this node (ctl4) not a "
+              "member: its daemon is stopped or cannot reach the backend")
+
+
+def test_doctor_on_a_standby_leaves_the_notification_check_to_the_active_member(
+        conf_file, ledger_path, controllers):
+    controllers(member="ctl2")
+    glance = doctor_glance(SETTLED)
+
+    results = {r.title: r for r in doctor.run(
+        _coordination_conf(conf_file), T0, glance_factory=lambda: glance,
+        queue_probe=lambda conf: ("amqp://guest:**@mq:5672//", 0, 1))}
+
+    assert list(results) == list(doctor.TITLES)
+    assert results["coordination"].status == "OK"
+    arriving = results["notifications arriving"]
+    assert (arriving.status, arriving.detail) == (
+        "OK", "not this node's to hear: this node (ctl2) is standby; ctl1 is active and "
+              "records them (imagesync doctor there checks them); last one here 30 s ago")
+    assert not any("s3cret" in f"{r.detail} {r.hint}" for r in results.values())
+
+    controllers(member="ctl1")  # on the active member: the ledger's own answer
+    results = {r.title: r for r in doctor.run(
+        _coordination_conf(conf_file), T0, glance_factory=lambda: glance,
+        queue_probe=lambda conf: ("amqp://guest:**@mq:5672//", 0, 1))}
+    assert results["notifications arriving"].detail == "last one 30 s ago (3 in all)"
+
+
+def test_doctor_prints_the_coordination_line_masked(run, conf_file, ledger_path, controllers,
+                                                    monkeypatch):
+    controllers(ConnectionError("Error 111 connecting to ctl1:6379. Connection refused."))
+    real_run = doctor.run
+    monkeypatch.setattr(doctor, "run", lambda conf, now: [
+        r for r in real_run(conf, now, glance_factory=lambda: doctor_glance(SETTLED),
+                            queue_probe=lambda conf: ("amqp://guest:**@mq:5672//", 0, 1))])
+
+    result = run("doctor")
+
+    assert result.exit_code == 1
+    assert "s3cret" not in result.output
+    assert ("FAIL  coordination: cannot reach redis://***@ctl1:6379: ConnectionError: "
+            "Error 111 connecting to ctl1:6379. Connection refused.") in result.output
