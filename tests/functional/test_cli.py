@@ -173,7 +173,7 @@ def test_doctor_on_the_sandbox_with_the_daemon_running_reports_every_check_ok(
     assert result.returncode == 0, result.stdout + result.stderr
     checks = [line for line in result.stdout.splitlines() if not line.startswith(" ")]
     assert [line.split(":")[0] for line in checks] == [
-        "OK    configuration", "OK    Glance reachable", "OK    multi-store",
+        "OK    configuration", "OK    coordination", "OK    Glance reachable", "OK    multi-store",
         "OK    copy-image enabled", "OK    credentials may copy",
         "OK    notification queue", "OK    notifications arriving", "OK    policy valid",
         "OK    ledger writable"]

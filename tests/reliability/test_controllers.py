@@ -190,7 +190,8 @@ def test_a_paused_active_daemon_sends_no_import_after_losing_its_claim(
 
 
 def test_the_backend_stopped_for_a_minute_no_daemon_imports_without_a_claim(
-        private_sandbox, prefix, tmp_path, figures):
+        private_sandbox, prefix, tmp_path, scale, figures):
+    outage = 60 if scale["full"] else 25
     from helpers import connect
 
     box = private_sandbox()
@@ -207,8 +208,8 @@ def test_the_backend_stopped_for_a_minute_no_daemon_imports_without_a_claim(
         # While the backend is down (a minute), nobody may import once its claim lapsed
         # (a call to the vanished Redis may block for a minute in tooz's retries: the
         # claim's time bound fences the imports meanwhile).
-        while time.time() - down < 60:
-            time.sleep(1)   # the outage lasts a minute; what was sent is counted below
+        while time.time() - down < outage:
+            time.sleep(1)   # the outage's length; what was sent is counted below
         late = [t for d in c.daemons for t, _ in sent(d) if t > down + LEASE]
         held = sum(1 for d in c.daemons for e in d.logs()
                    if e.get("event", "").startswith("import held back"))
@@ -217,9 +218,10 @@ def test_the_backend_stopped_for_a_minute_no_daemon_imports_without_a_claim(
         wait_for(lambda: all_copied(conn, ids), timeout=180, interval=1,
                  message="every copy once the backend is back")
         converged = time.monotonic() - back
-        figures("controllers: coordination backend down 60 s", "imports sent later than "
+        scenario = f"controllers: coordination backend down {outage} s"
+        figures(scenario, "imports sent later than "
                 "one lease into the outage", len(late), command("backend_stopped"))
-        figures("controllers: coordination backend down 60 s", "imports held back by the "
+        figures(scenario, "imports held back by the "
                 "claim's time bound / converged after the backend returned (s)",
                 f"{held} / {converged:.1f}", command("backend_stopped"))
         assert not late
