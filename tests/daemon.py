@@ -156,6 +156,22 @@ class Daemon:
         return rows[0] if rows else None
 
 
+def role(d: Daemon) -> str | None:
+    """A daemon's last coordination role ("active", "standby"), from its own log."""
+    found = None
+    for e in d.logs():
+        if e.get("event") in ("coordination: active", "coordination: standby"):
+            found = e["event"].split(": ")[1]
+    return found
+
+
+def the_active(daemons: list[Daemon]) -> Daemon | None:
+    """The one running daemon whose log says it is active; None unless exactly one."""
+    alive = [d for d in daemons if d.proc is not None and d.proc.poll() is None]
+    active = [d for d in alive if role(d) == "active"]
+    return active[0] if len(active) == 1 else None
+
+
 def import_requests(sandbox, image_id: str) -> int:
     """copy-image requests Glance received for one image, read from the access logs of every
     Glance API node."""

@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from daemon import Daemon, import_requests
+from daemon import Daemon, import_requests, role, the_active
 from helpers import Images, import_settled, stores_of, wait_for
 
 LEASE = 6
@@ -25,23 +25,10 @@ rules:
 """
 
 
-def role(d: Daemon) -> str | None:
-    """The daemon's last role, from its own log."""
-    found = None
-    for e in d.logs():
-        if e.get("event") in ("coordination: active", "coordination: standby"):
-            found = e["event"].split(": ")[1]
-    return found
-
 
 def sent_imports(d: Daemon, since: int = 0) -> int:
     return sum(1 for e in d.logs()[since:] if e.get("event") == "copy-image sent")
 
-
-def the_active(daemons: list[Daemon]) -> Daemon | None:
-    alive = [d for d in daemons if d.proc.poll() is None]
-    active = [d for d in alive if role(d) == "active"]
-    return active[0] if len(active) == 1 else None
 
 
 def copied(conn, image_id: str) -> bool:

@@ -13,7 +13,8 @@ import uuid
 
 import pytest
 
-from daemon import Daemon, import_requests
+from daemon import Daemon, import_requests, role
+from daemon import the_active as active_one
 from helpers import Images, stores_of, wait_for
 
 LEASE = 6
@@ -33,13 +34,6 @@ def command(k: str) -> str:
     return f"tox -e reliability -- tests/reliability/test_controllers.py -k {k}"
 
 
-def role(d: Daemon) -> str | None:
-    found = None
-    for e in d.logs():
-        if e.get("event") in ("coordination: active", "coordination: standby"):
-            found = e["event"].split(": ")[1]
-    return found
-
 
 def sent(d: Daemon) -> list[tuple[float, str]]:
     """(log time, image id) of every import this daemon sent."""
@@ -48,11 +42,6 @@ def sent(d: Daemon) -> list[tuple[float, str]]:
     return [(datetime.datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00"))
              .timestamp(), e["image_id"]) for e in d.logs() if e.get("event") == "copy-image sent"]
 
-
-def active_one(daemons: list[Daemon]) -> Daemon | None:
-    alive = [d for d in daemons if d.proc is not None and d.proc.poll() is None]
-    active = [d for d in alive if role(d) == "active"]
-    return active[0] if len(active) == 1 else None
 
 
 class Cluster:
