@@ -54,6 +54,7 @@ class Executor(ImageOperations):
         # Fencing: with several controllers, no import unless this daemon's claim holds.
         self.may_import = may_import or (lambda: True)
         self.fenced = 0   # imports held back because the claim may have lapsed
+        self.resent = 0   # imports sent again at once: an API node lacked a store
         ttl = getattr(glance, "stores_ttl", None)   # blocked copies wait for its next refresh
         if ttl is not None:
             settings = dataclasses.replace(settings, store_list_ttl=ttl)

@@ -14,7 +14,13 @@ import structlog
 from imagesync import planner
 from imagesync.discipline import IMPORT, LOOK, Discipline
 from imagesync.errors import Action, Kind, Outcome, classify_import_error
-from imagesync.glance import CredentialsRejected, Glance, GlanceError, GlanceUnavailable
+from imagesync.glance import (
+    STORE_READS,
+    CredentialsRejected,
+    Glance,
+    GlanceError,
+    GlanceUnavailable,
+)
 from imagesync.planner import DONE, Settings
 
 log = structlog.get_logger("imagesync.executor")
@@ -45,6 +51,7 @@ class ImageOperations:
     dispatch_paused_until: float
     may_import: Callable[[], bool]
     fenced: int
+    resent: int
 
     def _answered(self, image_id: str, kind: str) -> None:
         raise NotImplementedError
@@ -131,8 +138,38 @@ class ImageOperations:
             outcome = Outcome(Kind.TRANSIENT, Action.BACKOFF, why, status)
             self._record(image_id, stores, self._backed_off(image_id, exc, outcome), now)
             return
-        self._record(image_id, stores,
-                     classify_import_error(status, message, image, stores, live), now)
+        outcome = classify_import_error(status, message, image, stores, live)
+        if outcome.kind == Kind.UNKNOWN_STORE and live is not None and set(stores) <= live \
+                and self._resent_to_another_node(image_id, stores):
+            return
+        self._record(image_id, stores, outcome, now)
+
+    def _resent_to_another_node(self, image_id: str, stores: list[str]) -> bool:
+        """An active, unlocked image got 409 for stores the store list names: the API node
+        that answered lacks one (their enabled_backends differ). That 409 means Glance did
+        nothing, so the POST is sent again at once, back to back, up to STORE_READS times: a
+        load balancer sends each to the next node, whatever the parity of the requests in
+        between (strict round robin with no other traffic would otherwise send every retry
+        to the same node). True when one was accepted (then tracked as started)."""
+        for _ in range(STORE_READS):
+            self.resent += 1
+            log.info("copy-image sent again: an API node lacks a store", image_id=image_id,
+                     stores=stores)
+            try:
+                status, _message = self.glance.copy_image(image_id, stores)
+            except GlanceError:
+                return False   # the 409 is recorded; the next visit looks at the image first
+            if status != 409:
+                break
+        else:
+            return False
+        if status != 202:
+            return False
+        now = self.clock()
+        self.ledger.record_started(image_id, now + self.settings.poll_interval, now)
+        if self.metrics:
+            self.metrics.import_started(stores)
+        return True
 
     def _unanswered(self, image_id: str, stores: list[str], exc: GlanceError) -> None:
         """No real answer to the POST. When it may have reached Glance (the connection dropped

@@ -17,7 +17,7 @@ from structlog.testing import capture_logs
 
 from imagesync.discipline import Discipline
 from imagesync.executor import Caps, Executor, PolicyHolder
-from imagesync.glance import CredentialsRejected, GlanceUnavailable, RateLimited
+from imagesync.glance import STORE_READS, CredentialsRejected, GlanceUnavailable, RateLimited
 from imagesync.ledger import Ledger
 from imagesync.model import IMPORT_TASK, Image
 from imagesync.planner import Settings, StoreInfo
@@ -375,9 +375,51 @@ def test_a_store_one_node_lacks_is_tried_a_few_times_then_blocked_until_the_stor
     row = copies(tmp_path)[(HOT, "slow")]
     assert (row["state"], row["error_kind"]) == ("failed", "unknown_store")
     assert "blocked" in row["error_message"] and "enabled_backends" in row["error_message"]
-    assert len(glance.asked("POST", HOT)) == SETTINGS.unknown_store_tries
+    # (each try: the POST and, back to back, STORE_READS more, for the other API nodes)
+    per_try = 1 + STORE_READS
+    assert len(glance.asked("POST", HOT)) == SETTINGS.unknown_store_tries * per_try
     # and is tried once more after the store list is refreshed (every store_list_ttl)
     glance.copy_answer = (202, "")
     run(executor, clock, SETTINGS.store_list_ttl, step=1.0)
     assert copies(tmp_path)[(HOT, "slow")]["state"] == "done"
-    assert len(glance.asked("POST", HOT)) == SETTINGS.unknown_store_tries + 1
+    assert len(glance.asked("POST", HOT)) == SETTINGS.unknown_store_tries * per_try + 1
+
+
+class RoundRobin(FakeGlance):
+    """Two API nodes behind a strict round robin, every request counted at the balancer;
+    glance2 lacks `slow` (Glance answers 409 there and does nothing)."""
+
+    def __init__(self, clock, images):
+        super().__init__(clock, images)
+        self.node_of: list[str] = []
+
+    def _ask(self, method, image_id):
+        self.node_of.append(f"glance{len(self.calls) % 2 + 1}")
+        super()._ask(method, image_id)
+
+    def copy_image(self, image_id, stores):
+        self._ask("POST", image_id)
+        if self.node_of[-1] == "glance2":
+            return 409, "Store for identifier slow not found"
+        self.copy_now(image_id, stores)
+        return 202, ""
+
+
+def test_a_copy_refused_by_the_node_lacking_the_store_is_sent_again_at_once_to_the_other(
+        ledger, clock, tmp_path):
+    # Given two nodes in strict round robin, glance2 lacking slow, no other traffic, and
+    # every visit's requests lined up so that the POST lands on glance2
+    glance = RoundRobin(clock, [HOT])
+    executor = Executor(ledger, glance, PolicyHolder(POLICY), SETTINGS, Caps(), clock=clock,
+                        discipline=Discipline(20.0, 0.1, 2.0, 300.0, jitter=0.0))
+    executor.pool.shutdown()
+    executor.pool = Inline()
+    notify(ledger, clock, HOT)
+    run(executor, clock, 30, step=0.5)
+    # Then the POST refused by glance2 was sent again at once, to glance1, which took it
+    posts = [node for node, (_t, m, _i) in zip(glance.node_of, glance.calls, strict=True)
+             if m == "POST"]
+    assert posts == ["glance2", "glance1"]
+    row = copies(tmp_path)[(HOT, "slow")]
+    assert (row["state"], row["attempts"]) == ("done", 1)
+    assert executor.resent == 1
