@@ -22,7 +22,7 @@ from imagesync.glance import (
     KeystoneUnavailable,
 )
 from imagesync.health import Heartbeat
-from imagesync.ledger import LedgerError
+from imagesync.ledger import RETRY_CAP, LedgerError
 from imagesync.operations import ImageOperations, describe
 from imagesync.planner import Settings
 
@@ -224,7 +224,7 @@ class Executor(ImageOperations):
     def _ledger_down(self, exc: LedgerError) -> None:
         """The ledger cannot be written (disk full, read-only): stop working, back off."""
         self.ledger_failures += 1
-        delay = compute_backoff(self.ledger_failures, base=1.0, cap=60.0)
+        delay = compute_backoff(self.ledger_failures, base=1.0, cap=RETRY_CAP)
         self.paused_until = max(self.paused_until, self.clock() + delay)
         log.error("cannot write the ledger; pausing copies", error=str(exc),
                   retry_in=round(delay, 1))

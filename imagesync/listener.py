@@ -22,7 +22,7 @@ from oslo_messaging.notify import listener as notify_listener
 from imagesync import events
 from imagesync.backoff import compute_backoff
 from imagesync.health import Heartbeat
-from imagesync.ledger import LedgerError
+from imagesync.ledger import RETRY_CAP, LedgerError
 
 log = structlog.get_logger("imagesync.listener")
 
@@ -77,7 +77,7 @@ class Endpoint:
             except LedgerError as exc:
                 self.failures += 1
                 self.healthy.clear()
-                delay = compute_backoff(self.failures, base=1.0, cap=30.0)
+                delay = compute_backoff(self.failures, base=1.0, cap=RETRY_CAP)
                 log.error("cannot record notifications; holding them and backing off",
                           error=str(exc), retry_in=round(delay, 1), batch=len(messages))
                 if self.sleep(delay):  # stopping

@@ -60,13 +60,14 @@ class ImageOperations:
         raise NotImplementedError
 
     def _visit(self, image_id: str) -> None:
+        asked_at = self.clock()
         image = self.glance.get_image(image_id)
         stores = self.glance.stores()
         self._answered(image_id, LOOK)
         desired, skipped = ({}, {}) if image is None else \
             planner.targets(self.policy.policy, image, stores)
         visit, before = self.ledger.record_visit(image_id, image, desired, skipped,
-                                                 self.clock(), self.settings)
+                                                 self.clock(), self.settings, asked_at)
         if any(c.state == planner.IN_FLIGHT for c in before.values()):
             self.polls += 1   # tracking an import of ours, counted apart from planning
         else:

@@ -27,6 +27,7 @@ from imagesync.ledger.read import (
 )
 from imagesync.ledger.requests import RETRY, RETRY_NOW, SYNC
 from imagesync.ledger.schema import (
+                                   RETRY_CAP,
                                    SCHEMA,
                                    LedgerError,
                                    LedgerFull,
@@ -39,7 +40,7 @@ from imagesync.ledger.schema import (
 from imagesync.ledger.writer import Ledger
 
 __all__ = [
-    "RETRY", "RETRY_NOW", "SCHEMA", "SPLIT_AFTER", "SYNC", "Ledger", "LedgerError",
+    "RETRY", "RETRY_CAP", "RETRY_NOW", "SCHEMA", "SPLIT_AFTER", "SYNC", "Ledger", "LedgerError",
     "LedgerFull", "Ops", "Retention", "Usage", "connect", "count_copies",
     "count_copies_by_store", "find_image_ids", "migrations", "open_readonly", "read_copies",
     "read_copy_states", "read_daemon", "read_image", "read_policy", "read_request",

@@ -161,8 +161,13 @@ class Ops(ClaimOps, PruneOps, RequestOps):
                       queued))
 
     def record_visit(self, image_id: str, image: Image | None, desired, skipped,
-                     now: float, settings: Settings) -> tuple[Visit, dict[str, Copy]]:
-        """Plan one image from a fresh GET and write the result. Returns the plan and old rows."""
+                     now: float, settings: Settings,
+                     asked_at: float | None = None) -> tuple[Visit, dict[str, Copy]]:
+        """Plan one image from a fresh GET (sent at `asked_at`) and write the result. Returns
+        the plan and old rows. A look asked for while the GET was out (a notification, a
+        request: the row was written since `asked_at`) is kept when it is sooner than the
+        plan's own: the GET may predate what that notification reports (an image read as
+        saving, then activated), and waiting for a notification already noted waits forever."""
         before = self._copies(image_id)
         track = self._tracking(image_id)
         visit = planner.plan_visit(image, before, desired, skipped, track, now, settings)
@@ -185,8 +190,12 @@ class Ops(ClaimOps, PruneOps, RequestOps):
                 common["saw_lock"] = 1
         if visit.import_over:
             common.update(import_started_at=None, saw_lock=0, recovering=0)
+        look_at = common.pop("look_at")
         sets = ", ".join(f"{k} = ?" for k in common)
-        self.x(f"UPDATE images SET {sets} WHERE id = ?", (*common.values(), image_id))
+        self.x(f"UPDATE images SET look_at = CASE WHEN ? IS NOT NULL AND updated_at > ? "
+               f"AND look_at IS NOT NULL AND (? IS NULL OR look_at < ?) THEN look_at ELSE ? "
+               f"END, {sets} WHERE id = ?",
+               (asked_at, asked_at, look_at, look_at, look_at, *common.values(), image_id))
         return visit, before
 
     def record_visit_error(self, image_id: str, look_at: float, now: float) -> None:

@@ -18,6 +18,9 @@ from sqlite_utils.migrations import Migrations
 migrations = Migrations("imagesync")
 MIB = 1 << 20
 SQLITE_FULL = 13   # sqlite3.SQLITE_FULL, named there from Python 3.11
+# Longest wait (before jitter) between two tries at a ledger that cannot be written: a full
+# disk costs nothing to probe, and work must resume within seconds of space returning.
+RETRY_CAP = 15.0
 
 
 class LedgerError(RuntimeError):

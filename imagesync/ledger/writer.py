@@ -26,7 +26,7 @@ from imagesync.ledger import read
 from imagesync.ledger.claims import SPLIT_AFTER
 from imagesync.ledger.ops import Ops
 from imagesync.ledger.prune import Retention
-from imagesync.ledger.schema import LedgerError, connect, is_full, open_readonly
+from imagesync.ledger.schema import RETRY_CAP, LedgerError, connect, is_full, open_readonly
 from imagesync.ledger.upkeep import SIZE_CHECK, Upkeep
 
 log = structlog.get_logger("imagesync.ledger")
@@ -100,7 +100,7 @@ class Ledger:
                     self._ready.set_exception(exc)
                     return None
                 failures += 1
-                delay = compute_backoff(failures, base=1.0, cap=60.0)
+                delay = compute_backoff(failures, base=1.0, cap=RETRY_CAP)
                 log.error("cannot open the ledger; calls fail until it opens", error=str(exc),
                           retry_in=round(delay, 1), tries=failures)
                 if not self._fail_calls_for(delay, exc):

@@ -157,6 +157,20 @@ def test_events_do_not_move_the_look_at_of_an_image_with_a_copy_in_flight(ledger
     assert image_row(path)["look_at"] == T0 + 12
 
 
+@pytest.mark.parametrize("during", [True, False])
+def test_a_notification_noted_while_a_visit_s_get_was_out_is_not_lost(ledger, path, during):
+    # Given an image looked at: its GET sent at T0 + 1 answers "saving" (upload not done)
+    ledger.note_events([event(1, T0, status="saving")], T0)
+    # When Glance's activate notification is noted while that GET is out (or before it)
+    noted = T0 + 2 if during else T0 + 0.5
+    ledger.note_events([event(1, noted, status="active")], noted)
+    ledger.record_visit(image_id(1), image(1, status="saving"), {"slow": RULE}, {}, T0 + 3,
+                        SETTINGS, T0 + 1)
+    # Then the image is looked at again at once, not left waiting for a notification that
+    # came already; a notification the GET already reflects does not
+    assert image_row(path)["look_at"] == (noted if during else None)
+
+
 def test_a_finished_import_task_wakes_the_image_whose_lock_it_holds(ledger, path):
     # Given two images held by other imports (the lock ids come from captured notifications)
     locked = captured("0010-image.update.json")
