@@ -157,9 +157,10 @@ class Daemon:
 
 
 def role(d: Daemon) -> str | None:
-    """A daemon's last coordination role ("active", "standby"), from its own log."""
+    """A daemon's last coordination role ("active", "standby"), from its own log since it
+    was last started."""
     found = None
-    for e in d.logs():
+    for e in d.logs(since_start=True):
         if e.get("event") in ("coordination: active", "coordination: standby"):
             found = e["event"].split(": ")[1]
     return found

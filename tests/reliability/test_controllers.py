@@ -5,17 +5,20 @@ Every import is counted at Glance's API nodes; every daemon's own log says what 
 
 from __future__ import annotations
 
+import datetime
 import os
 import signal
 import statistics
+import threading
 import time
 import uuid
 
 import pytest
+from access_log import AccessLog
 
 from daemon import Daemon, import_requests, role
 from daemon import the_active as active_one
-from helpers import Images, stores_of, wait_for
+from helpers import Images, connect, stores_of, wait_for
 
 LEASE = 6
 WANTED = {"fast", "slow"}
@@ -35,12 +38,39 @@ def command(k: str) -> str:
 
 
 
+def at(event: dict) -> float:
+    return datetime.datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
+
+
 def sent(d: Daemon) -> list[tuple[float, str]]:
     """(log time, image id) of every import this daemon sent."""
-    import datetime
+    return [(at(e), e["image_id"]) for e in d.logs() if e.get("event") == "copy-image sent"]
 
-    return [(datetime.datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00"))
-             .timestamp(), e["image_id"]) for e in d.logs() if e.get("event") == "copy-image sent"]
+
+def without_active(daemons: list[Daemon], start: float, end: float) -> list[float]:
+    """The spans (s) within [start, end] when no daemon was active, from every daemon's own
+    log: a daemon is active from its "coordination: active" line to the next role line (a
+    graceful stop says "coordination: standby" before it releases the claim)."""
+    spans = []
+    for d in daemons:
+        since = None
+        for e in d.logs():
+            if e.get("event") == "coordination: active":
+                since = at(e)
+            elif since is not None and (e.get("event", "").startswith("coordination: ") or
+                                        e.get("event") == "imagesync stopped"):
+                spans.append((since, at(e)))
+                since = None
+        if since is not None:
+            spans.append((since, end))
+    gaps, covered = [], start
+    for a, b in sorted(spans):
+        if a > covered:
+            gaps.append(a - covered)
+        covered = max(covered, b)
+    if covered < end:
+        gaps.append(end - covered)
+    return gaps
 
 
 
@@ -217,3 +247,87 @@ def test_the_backend_stopped_for_a_minute_no_daemon_imports_without_a_claim(
         assert all(import_requests(box, i) == 1 for i in ids)
     finally:
         c.stop()
+
+
+def test_a_rolling_restart_of_every_controller_under_a_steady_stream_of_uploads_loses_no_copy(
+        sandbox, admin_conn, cluster, prefix, figures):
+    c = cluster()
+    nodes = [c.start(f"ctl{n}") for n in range(3)]
+    wait_for(lambda: active_one(nodes), timeout=30, message="an active daemon")
+    uploader = connect(sandbox)
+    images, ids, done = Images(), [], threading.Event()
+
+    def stream() -> None:   # one upload every half second, from before the first restart on
+        while not done.is_set():
+            ids.append(images.upload(sandbox, uploader, 4096, f"{prefix}-r{len(ids)}").id)
+            done.wait(0.5)
+
+    streaming = threading.Thread(target=stream)
+    began = time.time()
+    streaming.start()
+    try:
+        for d in sorted(nodes, key=lambda d: role(d) == "active"):   # the active one last
+            d.stop()
+            d.start()
+            wait_for(lambda d=d: role(d) in ("active", "standby") and active_one(nodes),
+                     timeout=30, message=f"{d.dir.name} back, and an active daemon")
+        done.set()
+        streaming.join(60)
+        ended = time.time()
+        wait_for(lambda: all_copied(admin_conn, ids), timeout=120, interval=1,
+                 message="every image uploaded during the restarts copied")
+        gaps = without_active(nodes, began, ended)
+        imports = [import_requests(sandbox, i) for i in ids]
+        scenario = "controllers: rolling restart of all three"
+        figures(scenario, "images uploaded during the restarts (one per 0.5 s) / copied",
+                f"{len(ids)} / {sum(WANTED <= stores_of(admin_conn, i) for i in ids)}",
+                command("rolling_restart"))
+        figures(scenario, f"longest time with no active daemon (s; lease {LEASE}, graceful "
+                "stops release the claim)", f"{max(gaps, default=0.0):.1f}",
+                command("rolling_restart"))
+        figures(scenario, "imports beyond one per image (counted at the API nodes)",
+                sum(n - 1 for n in imports if n > 1), command("rolling_restart"))
+        assert all(n == 1 for n in imports), imports
+        assert max(gaps, default=0.0) <= LEASE + 5
+    finally:
+        done.set()
+        images.delete_all()
+
+
+def test_standby_daemons_send_glance_nothing_beyond_what_one_daemon_sends(
+        sandbox, admin_conn, cluster, prefix, figures):
+    """Glance requests per reconcile pass, counted at the API nodes: three daemons (one
+    active), then the active one alone, over the same quiet window."""
+    measured, interval = 3, 4
+    c = cluster(options={"reconcile": {"interval": interval}})
+    nodes = [c.start(f"ctl{n}") for n in range(3)]
+    active = wait_for(lambda: active_one(nodes), timeout=30, message="an active daemon")
+
+    def passes() -> int:
+        return len([e for e in active.logs() if e.get("event") == "reconcile pass done"])
+
+    def per_pass() -> float:
+        """Requests at the nodes from the end of one pass to the end of the `measured`-th
+        pass after it."""
+        start = passes() + 1
+        wait_for(lambda: passes() >= start, timeout=3 * interval, message="a pass's end")
+        log = AccessLog(sandbox)
+        wait_for(lambda: passes() >= start + measured, timeout=(measured + 2) * interval,
+                 message=f"{measured} more passes")
+        return len(log.requests()) / measured
+
+    three = per_pass()
+    standbys = [d for d in nodes if d is not active]
+    for d in standbys:
+        d.stop()
+    own = [e.get("glance_requests") for d in standbys for e in d.logs()
+           if e.get("event") == "imagesync stopped"]
+    alone = per_pass()
+    scenario = "controllers: Glance requests from standbys"
+    figures(scenario, f"requests per reconcile pass at the API nodes ({measured} passes "
+            "each), three daemons / the active alone",
+            f"{three:.1f} / {alone:.1f}", command("standby_daemons"))
+    figures(scenario, "requests each standby sent in its life (its own count: the store "
+            "list, read once at start)", " / ".join(str(n) for n in own),
+            command("standby_daemons"))
+    assert three <= alone + 1, f"{three:.1f} requests per pass with standbys, {alone:.1f} alone"
