@@ -45,15 +45,18 @@ def _first_line(exc: BaseException) -> str:
 
 
 def redact(url: str) -> str:
-    """The backend URL without its password, for logs and `status`."""
-    from urllib.parse import urlsplit, urlunsplit
+    """The backend URL without its passwords (in the netloc, and query options such as
+    Sentinel's `sentinel_password`), for logs and `status`."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    if parts.password is not None:
+        host = parts.hostname or ""
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}" +
+                               (f":{parts.port}" if parts.port else ""))
+    query = [(k, "***" if "password" in k.lower() else v)
+             for k, v in parse_qsl(parts.query, keep_blank_values=True)]
+    return urlunsplit(parts._replace(query=urlencode(query, safe="*")))
 
 
 class Lease:

@@ -21,7 +21,7 @@ _URL = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<netloc>[^/\s\"'?#]
 _USERINFO = re.compile(r"[^,@/]*:[^,@/]*@")   # user:password@, once per host of a netloc
 _SECRET_KEYS = re.compile(r"(?i)([\"']?[a-z_-]*(?:password|passwd|secret|token|api_key|"
                           r"application_credential_secret)[\"']?\s*[:=]\s*)"
-                          r"(\"[^\"]*\"|'[^']*'|\S+)")
+                          r"(\"[^\"]*\"|'[^']*'|[^\s\"'&,;}\]]+)")   # never past its field
 _QUIET = {"amqp": logging.WARNING, "kombu": logging.WARNING, "urllib3": logging.WARNING,
           "keystoneauth": logging.WARNING, "stevedore": logging.WARNING,
           "oslo.messaging._drivers.impl_rabbit": logging.WARNING,
@@ -33,7 +33,12 @@ def redact(text: str) -> str:
     """Mask credentials: rabbit://u:SECRET@h1,u:SECRET@h2 -> rabbit://***@h1,***@h2, and
     password=SECRET, "password": "SECRET", {'password': 'SECRET'} -> ***."""
     text = _URL.sub(lambda m: m["scheme"] + _USERINFO.sub("***@", m["netloc"]), text)
-    return _SECRET_KEYS.sub(r"\1***", text)
+    return _SECRET_KEYS.sub(_masked, text)
+
+
+def _masked(m: re.Match) -> str:
+    quote = m[2][0] if m[2][0] in "\"'" else ""   # a quoted value stays quoted: valid JSON
+    return f"{m[1]}{quote}***{quote}"
 
 
 class _JournalJSON:

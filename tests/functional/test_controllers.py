@@ -1,6 +1,6 @@
 """Several controllers: three daemons on one sandbox, one active through a real tooz backend
-(Redis and etcd), the others standing by. Killed, paused and stopped actives; every copy made
-once, counted at Glance's API nodes."""
+(Redis, Redis through Sentinel, and etcd), the others standing by. Killed, paused and stopped
+actives; every copy made once, counted at Glance's API nodes."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def copied(conn, image_id: str) -> bool:
     return stores_of(conn, image_id) == {"fast", "slow"} and import_settled(conn, image_id)
 
 
-@pytest.fixture(params=["redis", "etcd"])
+@pytest.fixture(params=["redis", "sentinel", "etcd"])
 def backend(request) -> str:
     return request.param
 

@@ -129,6 +129,16 @@ def test_redact_masks_credentials(text, secret):
     assert "***" in masked
 
 
+def test_a_masked_json_log_line_keeps_every_field():
+    # A Sentinel URL's query password, then more fields: masking stops at the value's end
+    line = json.dumps({"coordination": "redis://:pw@h:26379?sentinel=m&sentinel_password=s3",
+                       "event": "imagesync started", "token": "tok s3", "n": 1},
+                      separators=(",", ":"))
+    masked = json.loads(redact(line))
+    assert masked["event"] == "imagesync started" and masked["n"] == 1
+    assert "s3" not in json.dumps(masked) and "pw@" not in json.dumps(masked)
+
+
 def test_redact_keeps_urls_without_credentials():
     text = "GET http://127.0.0.1:9292/v2/images?limit=5 from rabbit://guest@host:5672/"
     assert redact(text) == text

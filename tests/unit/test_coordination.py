@@ -171,3 +171,5 @@ def test_a_standby_takes_over_once_the_holder_released(world):
 def test_the_backend_password_never_reaches_a_log_line():
     assert redact("redis://:s3cret@ctl1:6379?sentinel=m") == "redis://:***@ctl1:6379?sentinel=m"
     assert redact("etcd3+http://ctl1:2379") == "etcd3+http://ctl1:2379"
+    assert redact("redis://:s3cret@ctl1:26379?sentinel=m&sentinel_password=s3cret&db=0") == \
+        "redis://:***@ctl1:26379?sentinel=m&sentinel_password=***&db=0"
