@@ -64,22 +64,46 @@ def private_sandbox(tmp_path_factory):
         box.down()
 
 
-def _table() -> str:
-    rows = ["| scenario | figure | value | reproduce with |", "|---|---|---|---|"]
-    rows += [f"| {s} | {f} | {v} | `{c}` |" for s, f, v, c in _FIGURES]
-    return "\n".join(rows)
+def _rows(figures) -> list[str]:
+    return [f"| {s} | {f} | {v} | `{c}` |" for s, f, v, c in figures]
+
+
+def _table(rows: list[str]) -> str:
+    return "\n".join(["| scenario | figure | value | reproduce with |", "|---|---|---|---|", *rows])
+
+
+def _merged(old_text: str) -> list[str]:
+    """RELIABILITY.md's rows with this run's in place of those of the tests it ran (a row's
+    command names its test): a full run of one file updates that file's figures only."""
+    ran = {c for _s, _f, _v, c in _FIGURES}
+    new = _rows(_FIGURES)
+    out: list[str] = []
+    for line in old_text.splitlines():
+        command = line.rsplit("`", 2)[1] if line.startswith("| ") and line.count("`") >= 2 \
+            else None
+        if command is None or line.startswith("| scenario |"):
+            continue
+        if command in ran:
+            out += new   # the first row of a test that ran: this run's rows go here
+            new = []
+            continue
+        out.append(line)
+    return out + new
 
 
 def pytest_terminal_summary(terminalreporter):
     if not _FIGURES:
         return
     terminalreporter.write_sep("=", "reliability figures" + (" (full)" if FULL else " (CI scale)"))
-    terminalreporter.write_line(_table())
+    terminalreporter.write_line(_table(_rows(_FIGURES)))
     if FULL:
-        (ROOT / "RELIABILITY.md").write_text(
+        path = ROOT / "RELIABILITY.md"
+        rows = _merged(path.read_text() if path.exists() else "")
+        path.write_text(
             "# imagesync reliability figures\n\n"
-            f"Written by `tox -e reliability` on {datetime.date.today()} "
-            f"(real RabbitMQ, MariaDB and Glance on loopback; {os.cpu_count()} cores).\n"
+            f"Updated by `tox -e reliability` on {datetime.date.today()} "
+            f"(real RabbitMQ, MariaDB and Glance on loopback; {os.cpu_count()} cores); a run of "
+            "some tests replaces their rows and keeps the others.\n"
             "Every figure comes from the test named in its row; the command reruns it.\n\n"
-            + _table() + "\n")
+            + _table(rows) + "\n")
         terminalreporter.write_line("written to RELIABILITY.md")
