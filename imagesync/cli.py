@@ -527,10 +527,12 @@ def explain(env: Env, image, policy_file, fmt, columns) -> None:
         if conn else []
     ledger_note = None if row else "the daemon has not looked at this image yet" if conn \
         else "not readable"
+    owner_quota = _owner_quota(env, glance, found.owner)
     if fmt == "json":
         cols = _columns(report.RULE_COLUMNS, columns, fmt)
-        click.echo(output.dumps(report.explain_record(
-            found, output.records(cols, verdicts), desired, skipped, row, copies, ledger_note)))
+        click.echo(output.dumps({**report.explain_record(
+            found, output.records(cols, verdicts), desired, skipped, row, copies, ledger_note),
+            "owner_quota": owner_quota}))
         return
     if fmt == "table":
         click.echo(report.glance_image_line(found))
@@ -538,6 +540,29 @@ def explain(env: Env, image, policy_file, fmt, columns) -> None:
     if fmt == "table":
         click.echo("\n".join(report.explain_lines(found, desired, skipped, row, copies,
                                                   ledger_note, clock())))
+        click.echo(report.owner_quota_text(owner_quota))
+
+
+def _owner_quota(env: Env, glance, owner: str | None) -> dict:
+    """The image owner's quota as the daemon checks it before a copy (Owners' quota)."""
+    from imagesync import quota
+    from imagesync.glance import GlanceError
+    from imagesync.limits import OwnerQuota
+
+    q = env.conf.quota
+    state: dict = {"checked": q.check_owner_quota, "owner": owner,
+                   "headroom_percent": q.headroom_percent}
+    if not q.check_owner_quota or owner is None:
+        return state
+    reader = OwnerQuota(glance, q.headroom_percent, q.user_storage_quota)
+    try:
+        limits = reader.limits()
+        state.update(source=limits.source, limit_bytes=limits.of(owner))
+        if state["limit_bytes"] is not None:
+            state["used_bytes"] = quota.usage(reader.owner_images(owner))
+    except GlanceError as exc:
+        state["error"] = str(exc)
+    return state
 
 
 # -- policy -------------------------------------------------------------------------------

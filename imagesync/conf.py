@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 from oslo_config import cfg
 
+from imagesync import quota
+
 DEFAULT_CONFIG = "/etc/imagesync/imagesync.conf"
 
 imagesync_opts = [
@@ -142,6 +144,36 @@ ledger_opts = [
                       "whole image into staging). 0: send to the stores with room at once."),
 ]
 
+def _storage_quota(value) -> int:
+    return value if isinstance(value, int) else quota.parse_storage_quota(str(value))
+
+
+_storage_quota.type_name = "storage quota: bytes, or a number with B, KB, MB, GB or TB"  # type: ignore[attr-defined]
+
+
+quota_opts = [
+    cfg.BoolOpt("check_owner_quota", default=True,
+                help="Before a copy, check that it fits in the image owner's quota: Glance "
+                     "checks the quota of the caller (imagesync's project) but counts every "
+                     "copy in the owner's usage (size x stores). With Keystone unified limits "
+                     "in Glance (GET /v2/info/usage shows image_size_total), the owner's "
+                     "image_size_total limit is read from Keystone; else "
+                     "user_storage_quota below, if set. A copy that does not fit is held "
+                     "(no attempt used) and re-checked every recheck_interval."),
+    cfg.FloatOpt("headroom_percent", default=10.0, min=0.0, max=100.0,
+                 help="Share of an owner's limit imagesync's copies leave free for the "
+                      "owner's own uploads."),
+    cfg.Opt("user_storage_quota", type=_storage_quota, default="0",
+            help="Glance's legacy [DEFAULT] user_storage_quota, copied here (imagesync "
+                 "cannot read Glance's configuration): 0 = none; bytes, or a number with "
+                 "B, KB, MB, GB or TB (powers of 1024). Unified limits take precedence."),
+    cfg.FloatOpt("limits_cache_ttl", default=60.0, min=0.0,
+                 help="Seconds Keystone's limits are cached: a raised limit lets held copies "
+                      "go within this plus recheck_interval."),
+    cfg.FloatOpt("recheck_interval", default=60.0, min=1.0,
+                 help="Seconds between checks of a copy held for its owner's quota."),
+]
+
 coordination_opts = [
     cfg.StrOpt("backend_url", secret=True,
                help="tooz coordination backend shared by the imagesync daemons of several "
@@ -168,6 +200,7 @@ GROUPS: dict[str, Sequence[cfg.Opt]] = {
     "metrics": metrics_opts,
     "ledger": ledger_opts,
     "coordination": coordination_opts,
+    "quota": quota_opts,
 }
 
 

@@ -21,6 +21,7 @@ class Kind(str, enum.Enum):
     UNKNOWN_STORE = "unknown_store"    # 409: Glance does not know a target store
     GONE = "gone"                      # 404: image deleted
     QUOTA = "quota"                    # 413 or a store failed for quota
+    OWNER_QUOTA = "owner_quota"        # the image owner's quota has no room: held, not sent
     FORBIDDEN = "forbidden"            # 403: the credentials may not copy
     UNAUTHORIZED = "unauthorized"      # 401: credentials expired or revoked; no attempt used
     TRANSIENT = "transient"            # 5xx, 429, connection error, timeout; no attempt used
@@ -36,6 +37,8 @@ class Action(str, enum.Enum):
     #                        backoff (Outcome.delay); no attempt used
     WAIT = "wait"          # look again later; no attempt used
     PAUSE = "pause"        # wait for an event (image becomes active); no attempt used
+    HOLD = "hold"          # not sent: held until it fits (owner quota), re-checked every
+    #                        Settings.quota_recheck; no attempt used
     REPLAN = "replan"      # look again now; no attempt used
     CANCEL = "cancel"      # nothing left to do
     BLOCK = "block"        # will never work as configured: failed, no retry loop

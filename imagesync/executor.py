@@ -49,12 +49,15 @@ class PolicyHolder:
 class Executor(ImageOperations):
     def __init__(self, ledger, glance: Glance, policy: PolicyHolder, settings: Settings,
                  caps: Caps, dry_run: bool = False, workers: int = 8, clock=time.time,
-                 metrics=None, discipline: Discipline | None = None, may_import=None):
+                 metrics=None, discipline: Discipline | None = None, may_import=None,
+                 owner_quota=None):
         self.ledger, self.glance, self.policy = ledger, glance, policy
+        self.owner_quota = owner_quota   # imagesync.limits.OwnerQuota: checked before a POST
         # Fencing: with several controllers, no import unless this daemon's claim holds.
         self.may_import = may_import or (lambda: True)
         self.fenced = 0   # imports held back because the claim may have lapsed
         self.resent = 0   # imports sent again at once: an API node lacked a store
+        self.held = 0     # copies held for their owner's quota (each time)
         ttl = getattr(glance, "stores_ttl", None)   # blocked copies wait for its next refresh
         if ttl is not None:
             settings = dataclasses.replace(settings, store_list_ttl=ttl)

@@ -356,16 +356,26 @@ class Glance:
                   "updated_at": _epoch(t.get("updated_at"))} for t in body.get("tasks", [])]
         return sorted(tasks, key=lambda t: t["updated_at"] or 0, reverse=True)
 
-    def list_pages(self, page_size: int = 1000, hidden: bool = False) -> Iterator[list[Image]]:
-        """Every image any project can see (visibility=all), one page at a time."""
+    def list_pages(self, page_size: int = 1000, hidden: bool = False,
+                   owner: str | None = None) -> Iterator[list[Image]]:
+        """Every image any project can see (visibility=all), or those `owner` owns, one page
+        at a time; hidden images (os_hidden) only with `hidden`, and only those."""
         path = f"/images?limit={page_size}&visibility=all"
         if hidden:
             path += "&os_hidden=true"
+        if owner:
+            path += f"&owner={owner}"
         while path:
             body = self._json(path)
             yield [Image.from_api(i) for i in body.get("images", []) if i.get("id")]
             nxt = body.get("next")
             path = nxt[len("/v2"):] if nxt and nxt.startswith("/v2/") else nxt
+
+    def usage_info(self) -> dict:
+        """GET /v2/info/usage: the caller's quota usage with Keystone unified limits, {}
+        without them."""
+        body = self._json("/info/usage")
+        return body.get("usage") or {} if isinstance(body, dict) else {}
 
     # -- the copy
 

@@ -89,6 +89,10 @@ class Metrics:
             ["kind"], registry=r)
         for kind in Kind:
             self.imports_failed.labels(kind.value)
+        self.held = Counter(
+            "imagesync_quota_holds", "Copies not sent because the image owner's quota has no "
+            "room for them (each check that held one), per target store.", ["store"],
+            registry=r)
         self.notifications_total = Counter(
             "imagesync_notifications", "Notifications received from RabbitMQ.", registry=r)
         self.notifications_ignored = Counter(
@@ -122,6 +126,10 @@ class Metrics:
         for store in stores:
             self.imports_started.labels(store).inc()
             self.imports_succeeded.labels(store)  # 0 until one succeeds, rather than absent
+
+    def copies_held(self, stores) -> None:
+        for store in stores:
+            self.held.labels(store).inc()
 
     def import_failed(self, kind: str) -> None:
         self.imports_failed.labels(kind).inc()

@@ -52,6 +52,8 @@ class ImageOperations:
     may_import: Callable[[], bool]
     fenced: int
     resent: int
+    held: int
+    owner_quota: Any       # imagesync.limits.OwnerQuota, or None: no owner-quota check
 
     def _answered(self, image_id: str, kind: str) -> None:
         raise NotImplementedError
@@ -118,6 +120,10 @@ class ImageOperations:
                               "not the active imagesync (coordination claim lapsed)")
             self._record(image_id, stores, outcome, self.clock())
             return
+        if self.owner_quota is not None:
+            stores = self._within_owner_quota(image_id, stores, size)
+            if not stores:
+                return
         log.info("copy-image sent", image_id=image_id, stores=stores, bytes=size)
         try:
             status, message = self.glance.copy_image(image_id, stores)
@@ -144,6 +150,28 @@ class ImageOperations:
                 and self._resent_to_another_node(image_id, stores):
             return
         self._record(image_id, stores, outcome, now)
+
+    def _within_owner_quota(self, image_id: str, stores: list[str], size: int) -> list[str]:
+        """The stores whose copies fit in the image owner's quota; the others are held (no
+        attempt used, re-checked every quota_recheck). When the limit or the usage cannot
+        be read, none: the copy waits, it is never sent unchecked."""
+        owner, in_flight = self.ledger.owner_in_flight(image_id)
+        try:
+            decision = self.owner_quota.decide(owner, stores, size, in_flight)
+        except GlanceError as exc:
+            outcome = Outcome(Kind.TRANSIENT, Action.BACKOFF,
+                              f"owner quota unknown: {describe(exc)}", exc.status)
+            self._record(image_id, stores, self._backed_off(image_id, exc, outcome),
+                         self.clock())
+            return []
+        if decision.held:
+            self.held += len(decision.held)
+            log.warning("copy held: the owner's quota has no room", image_id=image_id,
+                        owner=owner, stores=list(decision.held), reason=decision.reason)
+            self._record(image_id, list(decision.held),
+                         Outcome(Kind.OWNER_QUOTA, Action.HOLD, decision.reason or ""),
+                         self.clock())
+        return list(decision.go)
 
     def _resent_to_another_node(self, image_id: str, stores: list[str]) -> bool:
         """An active, unlocked image got 409 for stores the store list names: the API node
@@ -217,7 +245,10 @@ class ImageOperations:
     def _record(self, image_id: str, stores: list[str], outcome: Outcome, now: float) -> None:
         changes = self.ledger.record_outcome(image_id, stores, outcome, now, self.settings)
         if self.metrics:
-            self.metrics.import_failed(outcome.kind.value)
+            if outcome.action == Action.HOLD:
+                self.metrics.copies_held(stores)
+            else:
+                self.metrics.import_failed(outcome.kind.value)
         if outcome.action != Action.BACKOFF:   # those are logged as the image's trouble
             level = "error" if outcome.action == Action.BLOCK else "warning"
             getattr(log, level)("copy-image refused", image_id=image_id, stores=stores,

@@ -70,6 +70,7 @@ class Settings:
     max_attempts: int = 6
     backoff: Callable[[int], float] = lambda attempt: 30.0 * 2 ** (attempt - 1)
     quota_retry_delay: float = 3600.0
+    quota_recheck: float = 60.0    # how often a copy held for its owner's quota is re-checked
     unknown_store_tries: int = 3
     poll_interval: float = 1.0
     settle_grace: float = 10.0   # how long an import may show no lock before we judge it
@@ -325,6 +326,8 @@ def apply_outcome(copies: Mapping[str, Copy], targets_: frozenset[str], outcome:
         elif outcome.action == Action.BACKOFF:
             changes[store] = _set(refund, state=RETRYING,
                                   next_attempt_at=now + _backoff_delay(outcome, s))
+        elif outcome.action == Action.HOLD:
+            changes[store] = _set(refund, state=RETRYING, next_attempt_at=now + s.quota_recheck)
         elif outcome.action in (Action.REPLAN, Action.PAUSE):
             changes[store] = refund
         elif outcome.action == Action.WAIT:

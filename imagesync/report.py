@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from imagesync import planner
+from imagesync.ledger.read import HELD, shown_state
 from imagesync.output import Column, ago, duration, iso, records, size
 
 # -- status: stores, copies, one image, the daemon ----------------------------------------
@@ -53,7 +54,8 @@ def copy_row(copy: dict) -> dict:
     """A ledger copy row (joined with its image's name and owner) in column names."""
     return {
         "image_id": copy["image_id"], "name": copy.get("name"), "project": copy.get("owner"),
-        "store": copy["store"], "state": copy["state"], "attempts": copy["attempts"],
+        "store": copy["store"], "state": shown_state(copy["state"], copy["error_kind"]),
+        "attempts": copy["attempts"],
         "error_kind": copy["error_kind"], "http_status": copy["error_status"],
         "error_message": copy["error_message"], "next_try": copy["next_attempt_at"],
         "rules": [r for r in (copy["rules"] or "").split(",") if r],
@@ -241,16 +243,21 @@ RULE_COLUMNS = (Column("rule"), Column("matched", "bool"), Column("stores", "lis
 PLAN_ACTIONS = {
     "copy": "the daemon copies it (now, or after a retry's backoff)",
     "importing": "another import is copying it there now",
-    "held": "it failed: the daemon does not copy it again until `imagesync retry`",
+    "held": "it failed: the daemon does not copy it again until `imagesync retry`; or the "
+            "owner's quota has no room for it: it goes when there is",
     "skip": "a useless copy: read-only store, or non-raw image to cinder/rbd",
 }
 HELD_REASON = "failed: not copied again until `imagesync retry`"
 
 
+QUOTA_HELD_REASON = ("the owner's quota has no room for it (Owners' quota in the README); "
+                     "`imagesync explain IMAGE` shows the numbers")
+
+
 def _wanted_action(store: str, busy: frozenset, ledger_state: str | None) -> str:
     if store in busy:
         return "importing"
-    return "held" if ledger_state == planner.FAILED else "copy"
+    return "held" if ledger_state in (planner.FAILED, HELD) else "copy"
 
 
 def plan_rows(image, stores, policy, ledger_states: dict) -> list[dict]:
@@ -273,7 +280,8 @@ def plan_rows(image, stores, policy, ledger_states: dict) -> list[dict]:
             rows.append({**base, "store": store, "action": action,
                          "bytes": image.size if action == "copy" else None, "rules": rules,
                          "ledger": state,
-                         "reason": HELD_REASON if action == "held" else None})
+                         "reason": None if action != "held" else
+                         QUOTA_HELD_REASON if state == HELD else HELD_REASON})
     for store, (rules, reason) in sorted(skipped.items()):
         if store not in image.stores:
             rows.append({**base, "store": store, "action": "skip", "bytes": None,
@@ -357,6 +365,24 @@ def ledger_copies_text(copies: Sequence[dict], now: float) -> str:
             text += f" ({'; '.join(bits)})"
         parts.append(text)
     return "; ".join(parts)
+
+
+def owner_quota_text(state: dict) -> str:
+    """explain's line on the owner's quota (cli._owner_quota's dict)."""
+    if not state["checked"]:
+        return "owner quota: not checked ([quota] check_owner_quota = false)"
+    if state.get("error"):
+        return f"owner quota: unknown ({state['error']}): copies wait until it can be read"
+    limit, owner = state.get("limit_bytes"), state["owner"]
+    source = {"keystone": "image_size_total, Keystone unified limits",
+              "user_storage_quota": "[quota] user_storage_quota"}.get(state.get("source", ""))
+    if limit is None:
+        return f"owner quota: project {owner} has no limit" + (f" ({source})" if source else
+                                                             " (Glance enforces none)")
+    ceiling = int(limit * (1 - state["headroom_percent"] / 100))
+    return (f"owner quota: project {owner} uses {size(state['used_bytes'])} of "
+            f"{size(limit)} ({source}); imagesync copies while that stays within "
+            f"{size(ceiling)} ({state['headroom_percent']:g}% headroom)")
 
 
 def explain_lines(image, desired: dict, skipped: dict, row: dict | None,

@@ -36,6 +36,7 @@ from imagesync.glance import (
     KeystoneUnavailable,
 )
 from imagesync.ledger import Ledger, LedgerError
+from imagesync.limits import OwnerQuota
 from imagesync.listener import Endpoint, Listener
 from imagesync.planner import Settings
 from imagesync.policy import Policy, PolicyError, load_policy, parse_policy
@@ -56,7 +57,15 @@ def settings_from(conf) -> Settings:
         poll_interval=c.poll_interval, lock_expiry=c.lock_expiry,
         lock_poll=c.lock_poll_interval, settle_grace=c.settle_grace,
         image_backoff_base=c.image_backoff_base, image_backoff_cap=c.image_backoff_cap,
-        image_request_share=c.image_request_share)
+        image_request_share=c.image_request_share,
+        quota_recheck=conf.quota.recheck_interval)
+
+
+def owner_quota_from(conf, glance) -> OwnerQuota | None:
+    q = conf.quota
+    if not q.check_owner_quota:
+        return None
+    return OwnerQuota(glance, q.headroom_percent, q.user_storage_quota, q.limits_cache_ttl)
 
 
 def caps_from(conf) -> Caps:
@@ -178,7 +187,8 @@ class ImagesyncService(oslo_service.Service):
             self.executor = Executor(self.ledger, self.glance, self.policy, settings_from(conf),
                                      caps_from(conf), dry_run=conf.imagesync.dry_run,
                                      workers=conf.copy.max_imports + 4, metrics=self.metrics,
-                                     may_import=self.lease.may_import if self.lease else None)
+                                     may_import=self.lease.may_import if self.lease else None,
+                                     owner_quota=owner_quota_from(conf, self.glance))
             self.reconciler = Reconciler(self.ledger, self.glance, self.policy,
                                          conf.reconcile.interval, conf.reconcile.page_size,
                                          on_change=self.executor.poke, metrics=self.metrics)

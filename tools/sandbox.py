@@ -3,6 +3,7 @@
 
     python3 tools/sandbox.py install          # apt packages + Glance's and Keystone's virtualenvs
     python3 tools/sandbox.py up [--dir D]     # start everything on free ports
+    python3 tools/sandbox.py up --unified-limits  # Glance enforces Keystone unified limits
     python3 tools/sandbox.py env|status|down [--dir D]
 
 The shape operators run: Keystone 30 (fernet tokens, uWSGI) and two Glance 33 API nodes
@@ -34,6 +35,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -71,6 +73,11 @@ VHOST = "openstack"
 COORDINATION = ("redis", "sentinel", "etcd")   # tooz backends: coordination_url(backend)
 SENTINEL_MASTER = "imagesync"                  # the master name the Sentinel watches
 ETCD_BIN = Path("/usr/bin/etcd")
+# Keystone unified limits (`up --unified-limits`): the registered (default) limit of each of
+# Glance's four resources. oslo.limit counts a resource without one as limit 0, which would
+# refuse every upload; sizes are in MiB.
+GLANCE_LIMITS = {"image_size_total": 100000, "image_stage_total": 100000,
+                 "image_count_total": 10000, "image_count_uploading": 10000}
 
 
 class SandboxError(RuntimeError):
@@ -379,10 +386,14 @@ class Sandbox:
         return {name: pid_alive(self.state.get(name, {}).get("pid")) for name in self.SERVICES}
 
     def up(self, glance_options: dict[str, dict[str, str]] | None = None,
-           token_expiration: int | None = None, lonely_store: str | None = None) -> Sandbox:
+           token_expiration: int | None = None, lonely_store: str | None = None,
+           unified_limits: bool = False) -> Sandbox:
         """Start everything. `glance_options` add to both nodes' glance-api.conf;
         `token_expiration` is Keystone's token lifetime in seconds (default 3600);
-        `lonely_store` is enabled on glance1 only, as an edge site's store is."""
+        `lonely_store` is enabled on glance1 only, as an edge site's store is;
+        `unified_limits`: both Glance nodes enforce Keystone unified limits (registered
+        limits GLANCE_LIMITS for the image service; set_limit() changes them). A sandbox
+        restarted without it keeps what it was made with."""
         if any(self.running().values()):
             raise SandboxError(f"sandbox in {self.dir} is already running; run 'down' first")
         install()
@@ -396,6 +407,7 @@ class Sandbox:
         if token_expiration:
             self.state["token_expiration"] = token_expiration
         self.state.setdefault("lonely_store", lonely_store)
+        self.state["unified_limits"] = bool(unified_limits or self.state.get("unified_limits"))
         self._allocate()
         t0 = time.monotonic()
         try:
@@ -410,6 +422,10 @@ class Sandbox:
             nodes = [self._in_thread(self._start_glance, n) for n in NODES]
             self._wait_keystone()
             self._seed()
+            if self.unified_limits:
+                # Through HAProxy, which may not count a restarted Keystone up yet.
+                self._wait_haproxy(("keystone",))
+                self._seed_limits()
             for t in (*nodes, rabbit, *coordination):
                 t.result()
             self._wait_haproxy()
@@ -421,7 +437,8 @@ class Sandbox:
             f"{', '.join(self.node_url(n) for n in NODES)}), Keystone {self.keystone_url}, "
             f"RabbitMQ 127.0.0.1:{self.state['rabbit']['port']}/{VHOST}, Redis "
             f"127.0.0.1:{self.state['redis']['port']} (Sentinel :{self.state['sentinel']['port']}"
-            f"), etcd {self.etcd_url}")
+            f"), etcd {self.etcd_url}"
+            + ("; Glance enforces Keystone unified limits" if self.unified_limits else ""))
         return self
 
     def down(self) -> None:
@@ -915,6 +932,129 @@ class Sandbox:
     def tls_context(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(self.cacert))
 
+    # -- Keystone unified limits
+
+    @property
+    def unified_limits(self) -> bool:
+        """Whether Glance enforces Keystone unified limits (`up(unified_limits=True)`)."""
+        return bool(self.state.get("unified_limits"))
+
+    def _keystone_api(self, method: str, path: str, body: dict | None = None) -> dict:
+        """One call to Keystone's API as its bootstrap admin; Keystone's refusal becomes a
+        SandboxError that quotes its answer. The admin token is reused while Keystone takes it."""
+        for attempt in (1, 2):
+            token = getattr(self, "_admin_token", None)
+            if token is None or attempt == 2:
+                try:
+                    token = self._admin_token = self.keystone_admin_token()
+                except OSError as exc:   # urllib's HTTPError and URLError too
+                    raise SandboxError(f"no token of Keystone's admin: {exc}") from None
+            req = urllib.request.Request(
+                self.keystone_url + path, method=method,
+                data=None if body is None else json.dumps(body).encode(),
+                headers={"X-Auth-Token": token, "Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=30, context=self.tls_context()) as r:
+                    text = r.read().decode()
+                    return json.loads(text) if text else {}
+            except urllib.error.HTTPError as err:
+                with err:
+                    answer = err.read().decode(errors="replace")
+                if err.code == 401 and attempt == 1:
+                    continue   # the cached token expired or was revoked: take a new one
+                raise SandboxError(f"Keystone refused {method} {path}: HTTP {err.code} "
+                                   f"{answer}") from None
+            except OSError as exc:
+                raise SandboxError(f"Keystone did not answer {method} {path}: {exc}") from None
+        raise AssertionError("unreachable")
+
+    def _image_service_id(self) -> str:
+        services = self._keystone_api("GET", "/services?type=image")["services"]
+        if len(services) != 1:
+            raise SandboxError(f"Keystone has {len(services)} image services, not 1")
+        return services[0]["id"]
+
+    def _seed_limits(self) -> None:
+        """What Glance's unified limits need in Keystone, once per sandbox: the `reader` role
+        on the system for Glance's service user (oslo.limit lists services, endpoints and
+        limits with it), and a registered limit for each of GLANCE_LIMITS still missing."""
+        k = self.state["keystone"]
+        if k.get("limits_seeded"):
+            return
+        users = self._keystone_api("GET", "/users?name=glance&domain_id=default")["users"]
+        roles = self._keystone_api("GET", "/roles?name=reader")["roles"]
+        if len(users) != 1 or len(roles) != 1:
+            raise SandboxError(f"Keystone has {len(users)} users glance, {len(roles)} roles "
+                               "reader; expected one of each")
+        self._keystone_api("PUT", f"/system/users/{users[0]['id']}/roles/{roles[0]['id']}")
+        service = self._image_service_id()
+        have = {r["resource_name"] for r in self._keystone_api(
+            "GET", f"/registered_limits?service_id={service}&region_id={REGION}"
+        )["registered_limits"]}
+        missing = [{"service_id": service, "region_id": REGION, "resource_name": name,
+                    "default_limit": value, "description": f"Glance {name} (sandbox default)"}
+                   for name, value in GLANCE_LIMITS.items() if name not in have]
+        if missing:
+            self._keystone_api("POST", "/registered_limits", {"registered_limits": missing})
+        k["limits_seeded"] = True
+        self._save()
+
+    def _find_limit(self, kind: str, service: str, resource: str,
+                    project_id: str | None = None) -> dict | None:
+        query = f"/{kind}?service_id={service}&region_id={REGION}&resource_name={resource}"
+        if project_id:
+            query += f"&project_id={project_id}"
+        found = self._keystone_api("GET", query)[kind]
+        return found[0] if found else None
+
+    def set_limit(self, resource: str, value: int, project_id: str | None = None) -> None:
+        """Set one of Glance's unified limits in Keystone (sizes in MiB): the registered
+        (default) limit when `project_id` is None, else that project's own limit (created or
+        updated). Glance reads limits at each check: the next request sees the new value."""
+        if not self.unified_limits:
+            raise SandboxError("this sandbox's Glance does not enforce unified limits; "
+                               "start it with up(unified_limits=True)")
+        service = self._image_service_id()
+        if project_id is None:
+            found = self._find_limit("registered_limits", service, resource)
+            if found:
+                self._keystone_api("PATCH", f"/registered_limits/{found['id']}",
+                                   {"registered_limit": {"default_limit": value}})
+            else:
+                self._keystone_api("POST", "/registered_limits", {"registered_limits": [{
+                    "service_id": service, "region_id": REGION, "resource_name": resource,
+                    "default_limit": value}]})
+            return
+        found = self._find_limit("limits", service, resource, project_id)
+        if found:
+            self._keystone_api("PATCH", f"/limits/{found['id']}",
+                               {"limit": {"resource_limit": value}})
+        else:
+            self._keystone_api("POST", "/limits", {"limits": [{
+                "service_id": service, "region_id": REGION, "project_id": project_id,
+                "resource_name": resource, "resource_limit": value}]})
+
+    def delete_limit(self, resource: str, project_id: str) -> None:
+        """Remove a project's own limit: the registered (default) limit applies again.
+        Nothing to remove is no error."""
+        found = self._find_limit("limits", self._image_service_id(), resource, project_id)
+        if found:
+            self._keystone_api("DELETE", f"/limits/{found['id']}")
+
+    def limits(self) -> dict[str, dict]:
+        """The image service's limits as Keystone holds them: {"registered": {resource:
+        default}, "projects": {project_id: {resource: limit}}}."""
+        service = self._image_service_id()
+        where = f"service_id={service}&region_id={REGION}"
+        registered = self._keystone_api("GET", f"/registered_limits?{where}")
+        projects: dict[str, dict[str, int]] = {}
+        for lim in self._keystone_api("GET", f"/limits?{where}")["limits"]:
+            projects.setdefault(lim["project_id"], {})[lim["resource_name"]] = \
+                lim["resource_limit"]
+        return {"registered": {r["resource_name"]: r["default_limit"]
+                               for r in registered["registered_limits"]},
+                "projects": projects}
+
     # -- Glance
 
     def _write_glance_conf(self, node: str) -> None:
@@ -956,6 +1096,20 @@ class Sandbox:
         for s in stores:
             sections[s] = {"filesystem_store_datadir": str(d / "stores" / s),
                            "store_description": f"{s} file store"}
+        if self.unified_limits:
+            sections["DEFAULT"]["use_keystone_limits"] = "true"
+            # oslo.limit reads the limits as Glance's own service user with a system-scoped
+            # reader token (the role _seed_limits grants), and finds the image service's
+            # endpoint by type + region + interface: its id is not known when the nodes start.
+            sections["oslo_limit"] = {
+                "auth_type": "password", "auth_url": self.keystone_url,
+                "cafile": str(self.cacert),
+                "username": "glance", "password": k["passwords"]["glance"],
+                "user_domain_name": "Default", "system_scope": "all",
+                "region_name": REGION, "valid_interfaces": "internal",
+                "endpoint_service_type": "image", "endpoint_region_name": REGION,
+                "endpoint_interface": "internal",
+            }
         for section, opts in self.state.get("glance_options", {}).items():
             sections.setdefault(section, {}).update(opts)
         (etc / "glance-api.conf").write_text(_ini(sections))
@@ -1127,6 +1281,9 @@ def main(argv: list[str] | None = None) -> int:
                              "clients renew tokens with less than 120 s left)")
     parser.add_argument("--lonely-store", choices=STORES,
                         help="up: enable this store on the first Glance API node only")
+    parser.add_argument("--unified-limits", action="store_true",
+                        help="up: Glance enforces Keystone unified limits (registered limits "
+                             "for its four resources; kept when the sandbox restarts)")
     args = parser.parse_args(argv)
     if args.command == "install":
         install()
@@ -1134,7 +1291,8 @@ def main(argv: list[str] | None = None) -> int:
     box = Sandbox(args.dir)
     try:
         if args.command == "up":
-            box.up(token_expiration=args.token_expiration, lonely_store=args.lonely_store)
+            box.up(token_expiration=args.token_expiration, lonely_store=args.lonely_store,
+                   unified_limits=args.unified_limits)
             print("".join(f"export {k}={v}\n" for k, v in box.env().items()), end="")
         elif args.command == "down":
             box.down()
@@ -1154,6 +1312,9 @@ def main(argv: list[str] | None = None) -> int:
             for name, alive in states.items():
                 at = where[name]() if name in box.state else ""
                 print(f"{name:9} {'running' if alive else 'stopped':8} {at}")
+            if box.unified_limits:
+                print(f"{'limits':9} {'unified':8} Glance enforces Keystone unified limits "
+                      "(use_keystone_limits, [oslo_limit])")
             return 0 if all(states.values()) else 3
     except SandboxError as exc:
         print(f"sandbox: {exc}", file=sys.stderr)

@@ -104,6 +104,18 @@ class ClaimOps:
                 break
         return claims
 
+    def owner_in_flight(self, image_id: str) -> tuple[str | None, int]:
+        """The image's owner, and the bytes our copies of that owner's other images in
+        flight will add to its usage (Glance counts a copy once it is made)."""
+        row = self.x("SELECT owner FROM images WHERE id = ?", (image_id,)).fetchone()
+        owner = row[0] if row else None
+        if owner is None:
+            return None, 0
+        return owner, self.x(
+            "SELECT coalesce(sum(c.bytes), 0) FROM copies c JOIN images i ON i.id = c.image_id "
+            "WHERE c.state = 'in_flight' AND i.owner = ? AND c.image_id != ?",
+            (owner, image_id)).fetchone()[0]
+
     @staticmethod
     def _stores_to_send(row, room: _Room, cut: float) -> list[str]:
         """All the image's stores when every open copy is due and has room (one import);

@@ -81,15 +81,24 @@ def read_copies(conn: sqlite3.Connection, image_id: str | None = None,
     return [dict(r) for r in conn.execute(sql + " ORDER BY c.image_id, c.store", args)]
 
 
+HELD = "held"
+
+
 def read_copy_states(conn: sqlite3.Connection, image_ids: Iterable[str]) -> dict[tuple, str]:
-    """(image id, store) -> state, for the given images."""
+    """(image id, store) -> state, for the given images ("held": waiting for room in its
+    owner's quota)."""
     ids, out = list(image_ids), {}
     for start in range(0, len(ids), 500):
         part = ids[start:start + 500]
-        for r in conn.execute(f"SELECT image_id, store, state FROM copies WHERE image_id IN "
-                              f"({','.join('?' * len(part))})", part):
-            out[(r[0], r[1])] = r[2]
+        for r in conn.execute(f"SELECT image_id, store, state, error_kind FROM copies "
+                              f"WHERE image_id IN ({','.join('?' * len(part))})", part):
+            out[(r[0], r[1])] = shown_state(r[2], r[3])
     return out
+
+
+def shown_state(state: str, error_kind: str | None) -> str:
+    """The state operators see: a copy waiting for room in its owner's quota is "held"."""
+    return HELD if state == "retrying" and error_kind == "owner_quota" else state
 
 
 def read_request(conn: sqlite3.Connection, request_id: int) -> dict | None:

@@ -25,7 +25,7 @@ import kombu
 import pytest
 
 import sandbox as sandbox_mod
-from helpers import import_settled, stores_of, upload_image, wait_for
+from helpers import connect, import_settled, stores_of, upload_image, wait_for
 
 
 def copy_image(conn, image, stores):
@@ -298,3 +298,121 @@ def test_rabbitmq_has_no_guest_and_only_glance_may_publish_to_its_exchange(sandb
             assert q.get(no_ack=True) is None, "imagesync's refused message arrived too"
     finally:
         delete_queue(sandbox.transport_url, queue_name)
+
+
+# -- Keystone unified limits (up(unified_limits=True)) -----------------------------------------
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def limits_sandbox(tmp_path_factory):
+    """A sandbox of this module's own whose Glance enforces Keystone unified limits."""
+    box = sandbox_mod.Sandbox(tmp_path_factory.mktemp("limits-sandbox"))
+    try:
+        box.up(unified_limits=True)
+    except Exception as exc:  # the test must fail loudly, not skip
+        pytest.fail(f"a sandbox with unified limits could not start: {exc}", pytrace=False)
+    yield box
+    box.down()
+
+
+def glance_usage(conn) -> dict:
+    """GET /v2/info/usage as `conn`: {resource: {"usage", "limit"}} of its project."""
+    resp = conn.image.get("/info/usage")
+    assert resp.status_code == 200, resp.text
+    return resp.json()["usage"]
+
+
+def put_data(conn, image_id: str, size: int, store: str = "fast"):
+    data = (uuid.uuid4().bytes * (size // 16 + 1))[:size]
+    return conn.image.put(f"/images/{image_id}/file", data=data,
+                          headers={"Content-Type": "application/octet-stream",
+                                   "X-Image-Meta-Store": store})
+
+
+def new_image(conn):
+    return conn.image.create_image(name=f"test-{uuid.uuid4().hex[:8]}", disk_format="raw",
+                                   container_format="bare", visibility="shared")
+
+
+def test_glance_enforces_unified_limits_on_uploads_but_copy_image_checks_the_caller(
+        limits_sandbox):
+    box = limits_sandbox
+    owner, imagesync = connect(box, "sandbox-owner"), connect(box, sandbox_mod.CLOUD)
+    tenant_a, own_project = box.projects["tenant-a"], box.projects["imagesync"]
+    assert box.unified_limits
+    assert box.limits() == {"registered": sandbox_mod.GLANCE_LIMITS, "projects": {}}
+
+    # Glance reports the registered limits of all four of its resources.
+    start = glance_usage(owner)
+    print(f"\ntenant-a at start: {start}")
+    assert {name: u["limit"] for name, u in start.items()} == sandbox_mod.GLANCE_LIMITS
+    assert start["image_size_total"]["usage"] == 0
+    # A registered limit changed in Keystone is what Glance reports next.
+    box.set_limit("image_count_total", 9999)
+    assert glance_usage(owner)["image_count_total"]["limit"] == 9999
+    box.set_limit("image_count_total", sandbox_mod.GLANCE_LIMITS["image_count_total"])
+
+    # tenant-a may hold 2 MiB: 1 MiB fits, 2 MiB more does not (Glance answers 413).
+    box.set_limit("image_size_total", 2, tenant_a)
+    assert box.limits()["projects"] == {tenant_a: {"image_size_total": 2}}
+    assert glance_usage(owner)["image_size_total"] == {"usage": 0, "limit": 2}
+    small = upload_image(owner, MiB)
+    assert glance_usage(owner)["image_size_total"] == {"usage": 1, "limit": 2}
+    big = new_image(owner)
+    refused = put_data(owner, big.id, 2 * MiB)
+    print(f"2 MiB upload at 1/2 MiB: HTTP {refused.status_code}")
+    assert refused.status_code == 413, refused.text
+    assert "image_size_total is over limit of 2 due to current usage 1 and delta 2" \
+        in refused.text, refused.text
+    assert owner.image.get_image(big.id).status == "queued"
+
+    # Raised to 3 MiB: the same upload succeeds, and tenant-a is at its limit.
+    box.set_limit("image_size_total", 3, tenant_a)
+    accepted = put_data(owner, big.id, 2 * MiB)
+    assert accepted.status_code == 204, accepted.text
+    at_limit = glance_usage(owner)["image_size_total"]
+    print(f"tenant-a after the retry: image_size_total {at_limit}")
+    assert at_limit == {"usage": 3, "limit": 3}
+    assert put_data(owner, new_image(owner).id, MiB).status_code == 413
+
+    # copy-image checks the CALLER's image_size_total, not the owner's: imagesync over its
+    # own limit is refused...
+    token = imagesync.session.get_token()
+
+    def copy_to_slow(image_id: str):
+        return request(f"{box.glance_url}/v2/images/{image_id}/import", "POST",
+                       {"method": {"name": "copy-image"}, "stores": ["slow"],
+                        "all_stores_must_succeed": False},
+                       headers={"X-Auth-Token": token}, context=box.tls_context())
+
+    upload_image(imagesync, MiB)
+    box.set_limit("image_size_total", 0, own_project)
+    status, _, text = copy_to_slow(small.id)
+    print(f"copy-image by imagesync over its own limit (1/0 MiB): HTTP {status}")
+    assert status == 413, text
+    assert f"Project {own_project} is over a limit" in text, text
+    assert stores_of(imagesync, small.id) == {"fast"}
+
+    # ...and, within its own, accepted although tenant-a, the owner, is at its limit.
+    box.delete_limit("image_size_total", own_project)
+    status, _, text = copy_to_slow(small.id)
+    print(f"copy-image by imagesync of tenant-a's 1 MiB image, tenant-a at 3/3 MiB: "
+          f"HTTP {status}")
+    assert status == 202, text
+    wait_for(lambda: import_settled(imagesync, small.id)
+             and stores_of(imagesync, small.id) == {"fast", "slow"},
+             timeout=60, message="the copy of tenant-a's image to slow")
+
+    # Glance counts the owner's usage as size x locations: tenant-a is now over its limit.
+    after = glance_usage(owner)["image_size_total"]
+    mine = glance_usage(imagesync)["image_size_total"]
+    print(f"tenant-a after the copy: image_size_total {after}; imagesync's: {mine}")
+    assert after == {"usage": 3 + small.size // MiB, "limit": 3}
+    assert mine["usage"] == 1
+
+    box.delete_limit("image_size_total", tenant_a)
+    assert box.limits()["projects"] == {}
+    assert glance_usage(owner)["image_size_total"]["limit"] == \
+        sandbox_mod.GLANCE_LIMITS["image_size_total"]

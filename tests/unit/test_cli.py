@@ -494,6 +494,9 @@ class FakeGlance:
     def import_methods(self):
         return self.answers.get("import", ["glance-direct", "copy-image"])
 
+    def usage_info(self):   # GET /v2/info/usage: {} unless Glance enforces unified limits
+        return self.answers.get("usage", {})
+
     def copy_image(self, image_id, stores):
         self.copies.append((image_id, list(stores)))
         answers = self.answers.get("copy", [ALREADY_PRESENT])

@@ -423,3 +423,60 @@ def test_a_copy_refused_by_the_node_lacking_the_store_is_sent_again_at_once_to_t
     row = copies(tmp_path)[(HOT, "slow")]
     assert (row["state"], row["attempts"]) == ("done", 1)
     assert executor.resent == 1
+
+
+# -- the image owner's quota --------------------------------------------------------------------
+
+
+class Quota:
+    """The owner-quota check as the executor sees it: room for `room` more copies; each
+    decision counted; `fail` makes the limits unreadable."""
+
+    def __init__(self, room: int):
+        self.room, self.asked, self.fail = room, [], None
+
+    def decide(self, owner, stores, size, in_flight):
+        from imagesync.quota import Decision
+        self.asked.append((owner, tuple(stores), size, in_flight))
+        if self.fail:
+            raise self.fail
+        go, held = tuple(stores[:self.room]), tuple(stores[self.room:])
+        return Decision(go, held, "owner quota: no room" if held else None)
+
+
+def test_a_copy_that_does_not_fit_its_owner_s_quota_is_held_unsent_until_it_fits(
+        ledger, glance, clock, tmp_path):
+    quota = Quota(room=0)
+    settings = dataclasses.replace(SETTINGS, quota_recheck=60.0)
+    ex = Executor(ledger, glance, PolicyHolder(POLICY), settings, Caps(), clock=clock,
+                  discipline=Discipline(20.0, 0.1, 2.0, 300.0, jitter=0.0), owner_quota=quota)
+    ex.pool.shutdown()
+    ex.pool = Inline()
+    notify(ledger, clock, HOT)
+    # Given no room in the owner's quota, When the executor runs for two minutes
+    run(ex, clock, 130, step=0.5)
+    # Then nothing was sent, the copy is held with the reason, no attempt used, and it was
+    # checked again every recheck interval (not more often)
+    assert glance.asked("POST", HOT) == []
+    row = copies(tmp_path)[(HOT, "slow")]
+    assert (row["state"], row["error_kind"], row["attempts"]) == ("retrying", "owner_quota", 0)
+    assert 2 <= len(quota.asked) <= 3
+    # When room appears, Then it goes at the next check, once
+    quota.room = 1
+    run(ex, clock, 61, step=0.5)
+    assert len(glance.asked("POST", HOT)) == 1
+    assert copies(tmp_path)[(HOT, "slow")]["state"] == "done"
+
+
+def test_a_copy_whose_owner_s_limit_cannot_be_read_is_not_sent(ledger, glance, clock, tmp_path):
+    quota = Quota(room=5)
+    quota.fail = GlanceUnavailable(None, "Keystone unreachable")
+    ex = Executor(ledger, glance, PolicyHolder(POLICY), SETTINGS, Caps(), clock=clock,
+                  discipline=Discipline(20.0, 0.1, 2.0, 300.0, jitter=0.0), owner_quota=quota)
+    ex.pool.shutdown()
+    ex.pool = Inline()
+    notify(ledger, clock, HOT)
+    run(ex, clock, 30, step=0.5)
+    assert glance.asked("POST", HOT) == []
+    row = copies(tmp_path)[(HOT, "slow")]
+    assert row["attempts"] == 0 and "owner quota unknown" in row["error_message"]
