@@ -129,13 +129,18 @@ def glance(clock) -> FakeGlance:
     return FakeGlance(clock, [HOT, CALM])
 
 
-@pytest.fixture
-def executor(ledger, glance, clock):
-    ex = Executor(ledger, glance, PolicyHolder(POLICY), SETTINGS, Caps(), clock=clock,
-                  discipline=Discipline(20.0, 0.1, 2.0, 300.0, jitter=0.0))
+def inline_executor(ledger, glance, clock, settings: Settings = SETTINGS, **kw) -> Executor:
+    """An Executor whose operations run inline, at once, in the test's thread."""
+    ex = Executor(ledger, glance, PolicyHolder(POLICY), settings, Caps(), clock=clock,
+                  discipline=Discipline(20.0, 0.1, 2.0, 300.0, jitter=0.0), **kw)
     ex.pool.shutdown()
     ex.pool = Inline()
     return ex
+
+
+@pytest.fixture
+def executor(ledger, glance, clock):
+    return inline_executor(ledger, glance, clock)
 
 
 def notify(ledger, clock, *image_ids) -> None:
@@ -410,10 +415,7 @@ def test_a_copy_refused_by_the_node_lacking_the_store_is_sent_again_at_once_to_t
     # Given two nodes in strict round robin, glance2 lacking slow, no other traffic, and
     # every visit's requests lined up so that the POST lands on glance2
     glance = RoundRobin(clock, [HOT])
-    executor = Executor(ledger, glance, PolicyHolder(POLICY), SETTINGS, Caps(), clock=clock,
-                        discipline=Discipline(20.0, 0.1, 2.0, 300.0, jitter=0.0))
-    executor.pool.shutdown()
-    executor.pool = Inline()
+    executor = inline_executor(ledger, glance, clock)
     notify(ledger, clock, HOT)
     run(executor, clock, 30, step=0.5)
     # Then the POST refused by glance2 was sent again at once, to glance1, which took it
@@ -447,11 +449,8 @@ class Quota:
 def test_a_copy_that_does_not_fit_its_owner_s_quota_is_held_unsent_until_it_fits(
         ledger, glance, clock, tmp_path):
     quota = Quota(room=0)
-    settings = dataclasses.replace(SETTINGS, quota_recheck=60.0)
-    ex = Executor(ledger, glance, PolicyHolder(POLICY), settings, Caps(), clock=clock,
-                  discipline=Discipline(20.0, 0.1, 2.0, 300.0, jitter=0.0), owner_quota=quota)
-    ex.pool.shutdown()
-    ex.pool = Inline()
+    ex = inline_executor(ledger, glance, clock,
+                         dataclasses.replace(SETTINGS, quota_recheck=60.0), owner_quota=quota)
     notify(ledger, clock, HOT)
     # Given no room in the owner's quota, When the executor runs for two minutes
     run(ex, clock, 130, step=0.5)
@@ -471,10 +470,7 @@ def test_a_copy_that_does_not_fit_its_owner_s_quota_is_held_unsent_until_it_fits
 def test_a_copy_whose_owner_s_limit_cannot_be_read_is_not_sent(ledger, glance, clock, tmp_path):
     quota = Quota(room=5)
     quota.fail = GlanceUnavailable(None, "Keystone unreachable")
-    ex = Executor(ledger, glance, PolicyHolder(POLICY), SETTINGS, Caps(), clock=clock,
-                  discipline=Discipline(20.0, 0.1, 2.0, 300.0, jitter=0.0), owner_quota=quota)
-    ex.pool.shutdown()
-    ex.pool = Inline()
+    ex = inline_executor(ledger, glance, clock, owner_quota=quota)
     notify(ledger, clock, HOT)
     run(ex, clock, 30, step=0.5)
     assert glance.asked("POST", HOT) == []
