@@ -479,9 +479,9 @@ def plan(env: Env, images, project, policy_file, fmt, columns) -> None:
     found = sorted((i for i in found if project is None or i.owner == project),
                    key=lambda i: (i.name or "", i.id))
     states = ledger.read_copy_states(conn, [i.id for i in found]) if conn else {}
-    rows = [r for image in found for r in report.plan_rows(image, stores, policy, states)]
-    totals = report.plan_totals(rows, len(found), sum(i.status != "active" for i in found))
     now = clock()
+    rows = [r for image in found for r in report.plan_rows(image, stores, policy, states, now)]
+    totals = report.plan_totals(rows, len(found), sum(i.status != "active" for i in found))
     if fmt == "json":
         cols = _columns(report.PLAN_COLUMNS, columns, fmt)
         click.echo(output.dumps({"copies": output.records(cols, rows), "totals": totals}))
@@ -507,7 +507,7 @@ def explain(env: Env, image, policy_file, fmt, columns) -> None:
     Example: imagesync explain 0b8e5d1c-8f1a-4c1e-9a58-3a5b7e3f2c11
     """
     from imagesync import ledger, planner, report
-    from imagesync.glance import GlanceError
+    from imagesync.glance import GlanceError, with_members
     from imagesync.log import redact
 
     glance = env.glance()
@@ -520,8 +520,10 @@ def explain(env: Env, image, policy_file, fmt, columns) -> None:
     except GlanceError as exc:
         raise click.ClickException(redact(f"Glance: {exc}")) from exc
     live = [s.id for s in stores.values() if not s.read_only]
-    verdicts = report.rule_rows(policy.explain(found, live))
-    desired, skipped = planner.targets(policy, found, stores)
+    now = clock()
+    found = with_members(glance, found, policy)
+    verdicts = report.rule_rows(policy.explain(found, live, now=now))
+    desired, skipped = planner.targets(policy, found, stores, now=now)
     row = ledger.read_image(conn, found.id) if conn else None
     copies = [report.copy_row(c) for c in ledger.read_copies(conn, image_id=found.id)] \
         if conn else []
@@ -579,7 +581,8 @@ def policy() -> None:
 @policy.command("check")
 @click.argument("file", type=click.Path(dir_okay=False), required=False)
 @click.option("--glance", "with_glance", is_flag=True,
-              help="Also check store names against the live Glance's store list.")
+              help="Also check store names against the live Glance's store list, and "
+                   "formats against its image schema (else Glance's default lists).")
 @click.pass_obj
 def policy_check(env: Env, file: str | None, with_glance: bool) -> None:
     """Validate a policy FILE (default: [imagesync] policy_file); exit 1 on any error.
@@ -594,24 +597,32 @@ def policy_check(env: Env, file: str | None, with_glance: bool) -> None:
     from imagesync.policy import PolicyError, load_policy
 
     file = file or env.conf.imagesync.policy_file
-    known = None
+    known, schema = None, None
     if with_glance:
+        from imagesync.glance import GlanceError
         from imagesync.log import redact
 
         try:
-            known = set(env.stores(env.glance()))
+            glance = env.glance()
+            known = set(env.stores(glance))
+            schema = glance.image_schema()
         except click.ClickException as exc:
             click.echo(f"{file}: warning: store names not checked: {redact(exc.message)}",
                        err=True)
+        except GlanceError as exc:
+            click.echo(f"{file}: warning: formats checked against Glance's default lists: "
+                       f"its image schema is unreadable: {redact(str(exc))}", err=True)
     try:
-        loaded = load_policy(file, known)
+        loaded = load_policy(file, known, schema=schema)
     except PolicyError as exc:
         click.echo(str(exc), err=True)
         sys.exit(1)
     for w in loaded.warnings:
         click.echo(f"{w.file}:{w.line}:{w.column}: warning: {w.message}", err=True)
     checked = f", stores checked against Glance ({', '.join(sorted(known))})" if known else ""
-    click.echo(f"{file}: OK, {len(loaded.rules)} rule(s){checked}")
+    checked += ", formats against Glance's image schema" if schema else ""
+    denies = f", {len(loaded.deny)} deny rule(s)" if loaded.deny else ""
+    click.echo(f"{file}: OK, {len(loaded.rules)} rule(s){denies}{checked}")
 
 
 # -- doctor -------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ token), and every kind of non-answer told apart. Never reads `locations`; decide
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import email.utils
 import re
@@ -16,7 +17,7 @@ from typing import Any
 from keystoneauth1 import exceptions as ks_exc
 from openstack import exceptions as sdk_exc
 
-from imagesync.model import Image
+from imagesync.model import Image, epoch
 from imagesync.planner import StoreInfo
 
 COPY_IMAGE = "copy-image"
@@ -141,18 +142,6 @@ def _tls_problem(exc: BaseException, what: str) -> GlanceMisconfigured:
         why = "cannot read the CA file"
     return GlanceMisconfigured(None, f"{what}: {why}: check `cacert` in clouds.yaml "
                                      f"({_first_line(exc)})")
-
-
-def _epoch(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        parsed = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=datetime.timezone.utc)  # noqa: UP017
-    return parsed.timestamp()
 
 
 class Glance:
@@ -353,7 +342,7 @@ class Glance:
         """Import tasks of one image (id, status, updated_at as epoch), newest first."""
         body = self._json(f"/images/{image_id}/tasks")
         tasks = [{"id": t.get("id"), "status": t.get("status"),
-                  "updated_at": _epoch(t.get("updated_at"))} for t in body.get("tasks", [])]
+                  "updated_at": epoch(t.get("updated_at"))} for t in body.get("tasks", [])]
         return sorted(tasks, key=lambda t: t["updated_at"] or 0, reverse=True)
 
     def list_pages(self, page_size: int = 1000, hidden: bool = False,
@@ -370,6 +359,21 @@ class Glance:
             yield [Image.from_api(i) for i in body.get("images", []) if i.get("id")]
             nxt = body.get("next")
             path = nxt[len("/v2"):] if nxt and nxt.startswith("/v2/") else nxt
+
+    def image_schema(self) -> dict:
+        """GET /v2/schemas/image: the image properties Glance knows, with the disk and
+        container formats it accepts (for `policy check --glance`)."""
+        body = self._json("/schemas/image")
+        if not isinstance(body, dict):
+            raise GlanceUnavailable(200, "unreadable image schema")
+        return body
+
+    def members(self, image_id: str) -> frozenset[str]:
+        """The projects an image is shared with (members accepted or pending, not rejected)."""
+        body = self._json(f"/images/{image_id}/members", ok=(200, 404))
+        found = body.get("members") or [] if isinstance(body, dict) else []
+        return frozenset(str(m["member_id"]) for m in found if isinstance(m, dict) and
+                         m.get("member_id") and m.get("status") != "rejected")
 
     def usage_info(self) -> dict:
         """GET /v2/info/usage: the caller's quota usage with Keystone unified limits, {}
@@ -403,3 +407,11 @@ class Glance:
         body = self._json(path)
         images = [Image.from_api(i) for i in body.get("images", []) if i.get("id")]
         return images, bool(body.get("next"))
+
+
+def with_members(glance, image: Image, policy) -> Image:
+    """The image with `members` filled in when `policy` matches on them (shared_with) and
+    the image is shared; else as it is: reading them costs a request per image."""
+    if not getattr(policy, "needs_members", False) or image.visibility != "shared":
+        return image
+    return dataclasses.replace(image, members=glance.members(image.id))

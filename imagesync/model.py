@@ -7,6 +7,7 @@ policy, the planner and the CLI. Pure: no I/O, no openstacksdk.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
@@ -18,7 +19,7 @@ IMPORTING_TO = "os_glance_importing_to_stores"
 FAILED_IMPORT = "os_glance_failed_import"
 
 # Top-level keys of a Glance v2 image that are not free-form properties.
-_CORE_KEYS = frozenset(
+CORE_KEYS = frozenset(
     {
         "id", "name", "owner", "visibility", "status", "tags", "disk_format",
         "container_format", "size", "virtual_size", "checksum", "os_hash_algo",
@@ -28,6 +29,12 @@ _CORE_KEYS = frozenset(
     }
 )
 
+# Glance's defaults for [image_format] disk_formats and container_formats (a deployment may
+# change them: GET /v2/schemas/image has its own), and the store types its drivers report.
+DISK_FORMATS = ("ami", "ari", "aki", "vhd", "vhdx", "vmdk", "raw", "qcow2", "vdi", "iso", "ploop")
+CONTAINER_FORMATS = ("ami", "ari", "aki", "bare", "ovf", "ova", "docker", "compressed")
+STORE_TYPES = ("file", "rbd", "cinder", "swift", "s3", "http", "vmware")
+
 
 def split_csv(value: Any) -> frozenset[str]:
     """Glance's comma-separated store lists ('fast,slow', '', None) as a set."""
@@ -36,6 +43,24 @@ def split_csv(value: Any) -> frozenset[str]:
     if isinstance(value, (list, tuple, set, frozenset)):
         return frozenset(str(v).strip() for v in value if str(v).strip())
     return frozenset(p.strip() for p in str(value).split(",") if p.strip())
+
+
+def epoch(value: Any) -> float | None:
+    """Glance's ISO 8601 time ("2026-11-30T12:00:00Z"; no zone means UTC) as epoch seconds."""
+    if not value or not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=datetime.timezone.utc)  # noqa: UP017
+    return parsed.timestamp()
+
+
+def _flag(value: Any) -> bool:
+    """A Glance boolean: JSON true, or "true" from an API that sends it as a string."""
+    return value is True or str(value).lower() == "true"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,11 +79,16 @@ class Image:
     size: int | None = None
     stores: frozenset[str] = frozenset()
     hidden: bool = False
+    protected: bool = False
+    created_at: float | None = None  # epoch seconds
+    members: frozenset[str] | None = None  # projects it is shared with; None: not read
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tags", frozenset(self.tags))
         object.__setattr__(self, "stores", frozenset(self.stores))
         object.__setattr__(self, "properties", MappingProxyType(dict(self.properties)))
+        if self.members is not None:
+            object.__setattr__(self, "members", frozenset(self.members))
 
     @property
     def import_task(self) -> str | None:
@@ -81,7 +111,7 @@ class Image:
         if isinstance(nested, Mapping):
             props.update({str(k): str(v) for k, v in nested.items() if v is not None})
         for key, value in body.items():
-            if key not in _CORE_KEYS and value is not None:
+            if key not in CORE_KEYS and value is not None:
                 props[str(key)] = value if isinstance(value, str) else str(value)
         size = body.get("size")
         return cls(
@@ -96,5 +126,7 @@ class Image:
             container_format=body.get("container_format"),
             size=int(size) if isinstance(size, (int, float)) else None,
             stores=split_csv(body.get("stores")),
-            hidden=bool(body.get("os_hidden")),
+            hidden=_flag(body.get("os_hidden")),
+            protected=_flag(body.get("protected")),
+            created_at=epoch(body.get("created_at")),
         )

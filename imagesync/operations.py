@@ -20,6 +20,7 @@ from imagesync.glance import (
     Glance,
     GlanceError,
     GlanceUnavailable,
+    with_members,
 )
 from imagesync.planner import DONE, Settings
 
@@ -64,10 +65,12 @@ class ImageOperations:
     def _visit(self, image_id: str) -> None:
         asked_at = self.clock()
         image = self.glance.get_image(image_id)
+        if image is not None:
+            image = with_members(self.glance, image, self.policy.policy)
         stores = self.glance.stores()
         self._answered(image_id, LOOK)
         desired, skipped = ({}, {}) if image is None else \
-            planner.targets(self.policy.policy, image, stores)
+            planner.targets(self.policy.policy, image, stores, now=asked_at)
         visit, before = self.ledger.record_visit(image_id, image, desired, skipped,
                                                  self.clock(), self.settings, asked_at)
         if any(c.state == planner.IN_FLIGHT for c in before.values()):

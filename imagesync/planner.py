@@ -12,13 +12,12 @@ import dataclasses
 from collections.abc import Callable, Mapping
 
 from imagesync.errors import Action, Kind, Outcome
-from imagesync.model import Image
+from imagesync.model import STORE_TYPES, Image
 
 PENDING, IN_FLIGHT, DONE, RETRYING, FAILED, CANCELLED = (
     "pending", "in_flight", "done", "retrying", "failed", "cancelled")
 STATES = (PENDING, IN_FLIGHT, DONE, RETRYING, FAILED, CANCELLED)
 OPEN = frozenset({PENDING, RETRYING})            # waiting to be sent
-CLONE_ONLY_TYPES = frozenset({"cinder", "rbd"})  # useless targets for non-raw images
 MIN_POLL = 0.2  # seconds: the soonest an import of ours is polled again
 GONE_STATUSES = frozenset({"deleted", "pending_delete", "killed"})
 CUT_OFF = "the import was cut off: its task died with its glance-api (no attempt used)"
@@ -95,21 +94,62 @@ class Visit:
     foreign_lock: str | None = None   # task id of an import that is not ours
 
 
-def targets(policy, image: Image, stores: Mapping[str, StoreInfo] | None):
-    """(desired: store -> rules, skipped: store -> (rules, reason)) for one image."""
+def targets(policy, image: Image, stores: Mapping[str, StoreInfo] | None,
+            now: float | None = None):
+    """(desired: store -> rules, skipped: store -> (rules, reason)) for one image.
+
+    A store is skipped when it is read-only, or when every rule wanting it has a suitability
+    (imagesync.policy) that makes the copy useless there: the image's disk format is not
+    among those listed for the store's type (e.g. a qcow2 image on rbd: copy-image does not
+    convert, and such a copy could never be cloned). `stores` None: Glance's store list could
+    not be read. A version 1 policy checks only the stores whose type is known; from version 2
+    on, a copy that some listed type would refuse is skipped while the store's type is not
+    known, and says why. `now` (epoch seconds) is for rules matching on age.
+    """
     live = [s.id for s in stores.values() if not s.read_only] if stores is not None else []
-    desired = policy.desired(image, live)
+    desired = policy.desired(image, live, now)
     skipped: dict[str, tuple[tuple[str, ...], str]] = {}
     for store, rules in desired.items():
         info = stores.get(store) if stores is not None else None
-        if info is None:
-            continue
-        if info.read_only:
+        if info is not None and info.read_only:
             skipped[store] = (rules, f"store {store} is read-only")
-        elif info.type in CLONE_ONLY_TYPES and image.disk_format != "raw":
-            skipped[store] = (rules, f"{image.disk_format} image on {info.type} store {store} "
-                                     "cannot be cloned there (copy-image does not convert)")
+            continue
+        unknown = _unknown_type(store, info, stores is None)
+        if unknown and policy.version < 2:
+            continue
+        reasons = [_unsuitable(image.disk_format, store, info, unknown,
+                               dict(policy.suitability_of(rule))) for rule in rules]
+        if all(reasons):
+            skipped[store] = (rules, str(reasons[0]))
     return {s: r for s, r in desired.items() if s not in skipped}, skipped
+
+
+def _unknown_type(store: str, info: StoreInfo | None, unread: bool) -> str | None:
+    """Why the store's type is not known, or None when it is."""
+    if unread:
+        return "Glance's store list could not be read"
+    if info is None:
+        return f"Glance does not list store {store}"
+    if info.type is None:
+        return f"Glance did not say the type of store {store}"
+    if info.type not in STORE_TYPES:
+        return f"store {store} has type {info.type!r}, which imagesync does not know"
+    return None
+
+
+def _unsuitable(disk_format: str | None, store: str, info: StoreInfo | None,
+                unknown: str | None, suitability: dict[str, tuple[str, ...]]) -> str | None:
+    """Why a copy is useless under one rule's suitability, or None when it may be useful."""
+    if unknown is None and info is not None and info.type in suitability:
+        if disk_format in suitability[info.type]:
+            return None
+        return (f"{disk_format} image on {info.type} store {store} cannot be cloned there "
+                "(copy-image does not convert)")
+    refusing = sorted(kind for kind, formats in suitability.items() if disk_format not in formats)
+    if unknown is None or not refusing:
+        return None
+    return (f"the store types could not be read ({unknown}), so suitability could not be "
+            f"checked: a {disk_format} image is useless on {' or '.join(refusing)} stores")
 
 
 def _set(copy: Copy, **fields) -> Copy:

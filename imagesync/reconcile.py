@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 import structlog
 
 from imagesync import planner
-from imagesync.glance import GlanceError
+from imagesync.glance import GlanceError, with_members
 from imagesync.ledger import LedgerError
 from imagesync.model import Image
 
@@ -129,7 +129,8 @@ class Reconciler:
                 page = fill_in_stores(self.glance, listed)
                 items = []
                 for image in page:
-                    desired, skipped = planner.targets(policy, image, stores)
+                    image = with_members(self.glance, image, policy)
+                    desired, skipped = planner.targets(policy, image, stores, now=started)
                     items.append((image, desired, skipped))
                 images += len(items)
                 marked += self.ledger.reconcile_page(items, self.clock())

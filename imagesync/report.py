@@ -236,8 +236,8 @@ PLAN_COLUMNS = (
     Column("reason", width=80),
 )
 
-RULE_COLUMNS = (Column("rule"), Column("matched", "bool"), Column("stores", "list"),
-                Column("reason"))
+RULE_COLUMNS = (Column("rule"), Column("deny", "bool"), Column("matched", "bool"),
+                Column("stores", "list"), Column("reason"))
 
 
 PLAN_ACTIONS = {
@@ -260,7 +260,7 @@ def _wanted_action(store: str, busy: frozenset, ledger_state: str | None) -> str
     return "held" if ledger_state in (planner.FAILED, HELD) else "copy"
 
 
-def plan_rows(image, stores, policy, ledger_states: dict) -> list[dict]:
+def plan_rows(image, stores, policy, ledger_states: dict, now: float | None = None) -> list[dict]:
     """What the daemon would do for one image now: a row per store it lacks.
 
     action (PLAN_ACTIONS): copy (bytes = the image's size), importing (another import is
@@ -269,7 +269,7 @@ def plan_rows(image, stores, policy, ledger_states: dict) -> list[dict]:
     """
     if image.status != "active":
         return []
-    desired, skipped = planner.targets(policy, image, stores)
+    desired, skipped = planner.targets(policy, image, stores, now=now)
     busy = image.importing_to if image.import_task else frozenset()
     rows = []
     base = {"image_id": image.id, "name": image.name, "project": image.owner}
@@ -325,7 +325,8 @@ def plan_text(t: dict) -> str:
 
 
 def rule_rows(verdicts) -> list[dict]:
-    return [{"rule": v.rule, "matched": v.matched, "stores": sorted(v.stores),
+    """A row per rule; a deny rule's stores are those it takes away."""
+    return [{"rule": v.rule, "deny": v.deny, "matched": v.matched, "stores": sorted(v.stores),
              "reason": v.reason} for v in verdicts]
 
 

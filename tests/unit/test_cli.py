@@ -497,6 +497,12 @@ class FakeGlance:
     def usage_info(self):   # GET /v2/info/usage: {} unless Glance enforces unified limits
         return self.answers.get("usage", {})
 
+    def image_schema(self):   # a Glance configured with two disk formats only
+        return {"name": "image", "properties": {
+            "disk_format": {"type": ["null", "string"], "enum": [None, "raw", "qcow2"]},
+            "container_format": {"type": ["null", "string"], "enum": [None, "bare"]},
+            "name": {"type": ["null", "string"]}, "os_hidden": {"type": "boolean"}}}
+
     def copy_image(self, image_id, stores):
         self.copies.append((image_id, list(stores)))
         answers = self.answers.get("copy", [ALREADY_PRESENT])
@@ -527,6 +533,20 @@ def test_policy_check_with_glance_rejects_a_store_glance_does_not_have(
     assert result.exit_code == 1
     assert result.stderr.startswith(f"{file}:5:")
     assert "nfs" in result.stderr
+
+
+def test_policy_check_with_glance_checks_formats_against_its_image_schema(
+        run, tmp_path, monkeypatch):
+    monkeypatch.setattr(cli.Env, "glance", lambda self: FakeGlance())
+    file = tmp_path / "p.yaml"
+    file.write_text("version: 2\nrules:\n  - name: r\n    match: {disk_format: vmdk}\n"
+                    "    stores: [slow]\n")
+    assert run("policy", "check", str(file)).exit_code == 0   # vmdk: in Glance's defaults
+
+    result = run("policy", "check", "--glance", str(file))
+
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"{file}:4:") and "vmdk" in result.stderr
 
 
 def test_policy_check_with_glance_unreachable_warns_and_checks_the_rest(

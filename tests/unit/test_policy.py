@@ -355,13 +355,29 @@ def test_every_error_of_a_file_is_reported_at_once_in_file_order() -> None:
 KNOWN = ("edge", "fast", "slow")
 
 
-def rule_file(*lines: str) -> str:
+def rule_file(*lines: str, version: int = 1) -> str:
     """A policy with one rule made of the given lines (each indented under `- `)."""
-    return "version: 1\nrules:\n  - " + "\n    ".join(lines) + "\n"
+    return f"version: {version}\nrules:\n  - " + "\n    ".join(lines) + "\n"
 
 
-def with_match(match: str) -> str:
-    return rule_file("name: r", f"match: {match}", "stores: [fast]")
+def with_match(match: str, version: int = 1) -> str:
+    return rule_file("name: r", f"match: {match}", "stores: [fast]", version=version)
+
+
+def assert_refused_at(path: Path, text: str, line: int, column: int, words: str) -> None:
+    """Loading `text` from `path` fails with exactly one problem, there, naming it."""
+    path.write_text(text)
+
+    with pytest.raises(PolicyError) as caught:
+        load_policy(path, known_stores=KNOWN)
+
+    problems = caught.value.problems
+    assert problems, "PolicyError without problems"
+    for problem in problems:
+        assert re.match(rf"{re.escape(str(path))}:\d+:\d+: \S", str(problem)), str(problem)
+    [problem] = problems  # each file is broken in exactly one place
+    assert str(problem).startswith(f"{path}:{line}:{column}: "), str(problem)
+    assert words in problem.message
 
 
 # (id, text, line, column, words the message must contain)
@@ -375,7 +391,7 @@ BROKEN = [
     ("a list at top level", "- name: r\n  stores: all\n", 1, 1, "expected a mapping"),
     ("a string at top level", "copy everything everywhere\n", 1, 1, "expected a mapping"),
     ("version missing", "rules: []\n", 1, 1, "missing required key 'version'"),
-    ("version 2", "version: 2\nrules: []\n", 1, 10, "unsupported version 2"),
+    ("version 3", "version: 3\nrules: []\n", 1, 10, "unsupported version 3"),
     ("version quoted", "version: '1'\nrules: []\n", 1, 10, "expected the integer 1, got a string"),
     ("rules missing", "version: 1\n", 1, 1, "missing required key 'rules'"),
     ("rules a mapping", "version: 1\nrules: {name: r}\n", 2, 8, "expected a list of rules"),
@@ -463,19 +479,7 @@ BROKEN = [
 def test_a_broken_policy_file_is_refused_with_file_line_and_column(
     tmp_path: Path, text: str, line: int, column: int, words: str
 ) -> None:
-    path = tmp_path / "policy.yaml"
-    path.write_text(text)
-
-    with pytest.raises(PolicyError) as caught:
-        load_policy(path, known_stores=KNOWN)
-
-    problems = caught.value.problems
-    assert problems, "PolicyError without problems"
-    for problem in problems:
-        assert re.match(rf"{re.escape(str(path))}:\d+:\d+: \S", str(problem)), str(problem)
-    [problem] = problems  # each file is broken in exactly one place
-    assert str(problem).startswith(f"{path}:{line}:{column}: "), str(problem)
-    assert words in problem.message
+    assert_refused_at(tmp_path / "policy.yaml", text, line, column, words)
 
 
 def test_there_are_at_least_thirty_distinct_broken_files() -> None:
