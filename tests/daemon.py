@@ -104,6 +104,12 @@ class Daemon:
             pass
         self.proc.wait(30)
 
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        """`imagesync ARGS` with this daemon's config, as an operator on its host runs it."""
+        return subprocess.run([sys.executable, "-m", "imagesync.cli", "--config-file",
+                               str(self.conf_file), *args], capture_output=True, text=True,
+                              timeout=timeout)
+
     def children(self) -> list[int]:
         out = subprocess.run(["pgrep", "-g", str(self.proc.pid)], capture_output=True, text=True)
         return [int(p) for p in out.stdout.split()]
