@@ -665,6 +665,38 @@ def test_policy_check_rejects_every_broken_file_naming_file_line_and_column(
     assert not problems, "\n".join(problems)
 
 
+def test_policy_check_rejects_every_broken_version_2_file_at_its_line_and_column(
+        sandbox, tmp_path, figures):
+    """The unit tests' broken version 2 files, through the operator's real command (with
+    --glance, the sandbox's stores, for those about a store name)."""
+    from unit.test_policy_v2 import BROKEN_V2
+
+    conf = Daemon(sandbox, tmp_path / "conf", "").conf_file
+
+    def check(case):
+        name, text, line, column, words = case
+        path = tmp_path / f"{re.sub(r'[^a-z0-9]+', '-', name)}.yaml"
+        path.write_text(text)
+        args = ["--config-file", str(conf), "policy", "check", "--glance"] \
+            if "unknown store" in words else ["policy", "check"]
+        result = subprocess.run([*imagesync_cli(), *args, str(path)],
+                                capture_output=True, text=True, timeout=60, check=False)
+        out = result.stdout + result.stderr
+        if result.returncode != 1 or "Traceback" in out:
+            return f"{name}: exit {result.returncode}: {out.strip()[-300:]}"
+        if (line, column) not in located(out, path) or words not in out:
+            return f"{name}: no {path}:{line}:{column} saying {words!r} in: {out.strip()[:300]}"
+        return None
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        problems = [p for p in pool.map(check, BROKEN_V2) if p]
+    cmd = "pytest tests/reliability/test_bad_input.py -k broken_version_2"
+    figures("broken policy files", "version 2 files tried / clear FILE:LINE:COL errors",
+            f"{len(BROKEN_V2)} / {len(BROKEN_V2) - len(problems)}", cmd)
+    assert len(BROKEN_V2) >= 30
+    assert not problems, "\n".join(problems)
+
+
 def test_python_dash_m_imagesync_cli_runs_the_cli():
     """The documented `python -m imagesync.cli ...` form must run the CLI, not exit 0 silently."""
     result = subprocess.run([sys.executable, "-m", "imagesync.cli", "--help"],
