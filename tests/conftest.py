@@ -125,3 +125,28 @@ def _no_daemon_left_behind():
     from daemon import stop_leftovers
 
     stop_leftovers()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Stories marked full_only run in `tox -e reliability` (IMAGESYNC_RELIABILITY=full) only:
+    deselected, not skipped, from the default run, whose time CI bounds."""
+    if os.environ.get("IMAGESYNC_RELIABILITY") == "full":
+        return
+    left = [i for i in items if i.get_closest_marker("full_only") is not None]
+    if left:
+        config.hook.pytest_deselected(items=left)
+        items[:] = [i for i in items if i.get_closest_marker("full_only") is None]
+
+
+@pytest.fixture(scope="session")
+def limits_sandbox(tmp_path_factory):
+    """A sandbox of the session whose Glance enforces Keystone unified limits (started once:
+    the sandbox's own proof and the owner-quota stories share it; each sets and deletes its
+    own project limits)."""
+    box = sandbox_mod.Sandbox(tmp_path_factory.mktemp("limits-sandbox"))
+    try:
+        box.up(unified_limits=True)
+    except Exception as exc:  # the test must fail loudly, not skip
+        pytest.fail(f"a sandbox with unified limits could not start: {exc}", pytrace=False)
+    yield box
+    box.down()

@@ -86,3 +86,10 @@ class Images:
             # A Glance API node killed mid-copy leaves a partial file in its staging area.
             for leftover in (Path(box.dir) / "glance").glob(f"*/staging/{image_id}*"):
                 leftover.unlink(missing_ok=True)
+
+
+def delete_project_images(conn, project_id: str) -> None:
+    """Delete every image a project owns (stories that count a project's quota usage start
+    from none, whatever ran before them on a shared sandbox)."""
+    for image in list(conn.image.images(owner=project_id)):
+        conn.image.delete_image(image.id, ignore_missing=True)

@@ -421,10 +421,11 @@ class Sandbox:
             self._start_haproxy()
             nodes = [self._in_thread(self._start_glance, n) for n in NODES]
             self._wait_keystone()
+            # The seed goes through HAProxy, whose health checks may not count Keystone up
+            # yet (a 503 to the seed on a loaded machine: seen in CI).
+            self._wait_haproxy(("keystone",))
             self._seed()
             if self.unified_limits:
-                # Through HAProxy, which may not count a restarted Keystone up yet.
-                self._wait_haproxy(("keystone",))
                 self._seed_limits()
             for t in (*nodes, rabbit, *coordination):
                 t.result()

@@ -25,7 +25,14 @@ import kombu
 import pytest
 
 import sandbox as sandbox_mod
-from helpers import connect, import_settled, stores_of, upload_image, wait_for
+from helpers import (
+    connect,
+    delete_project_images,
+    import_settled,
+    stores_of,
+    upload_image,
+    wait_for,
+)
 
 
 def copy_image(conn, image, stores):
@@ -305,18 +312,6 @@ def test_rabbitmq_has_no_guest_and_only_glance_may_publish_to_its_exchange(sandb
 MiB = 1 << 20
 
 
-@pytest.fixture(scope="module")
-def limits_sandbox(tmp_path_factory):
-    """A sandbox of this module's own whose Glance enforces Keystone unified limits."""
-    box = sandbox_mod.Sandbox(tmp_path_factory.mktemp("limits-sandbox"))
-    try:
-        box.up(unified_limits=True)
-    except Exception as exc:  # the test must fail loudly, not skip
-        pytest.fail(f"a sandbox with unified limits could not start: {exc}", pytrace=False)
-    yield box
-    box.down()
-
-
 def glance_usage(conn) -> dict:
     """GET /v2/info/usage as `conn`: {resource: {"usage", "limit"}} of its project."""
     resp = conn.image.get("/info/usage")
@@ -342,6 +337,7 @@ def test_glance_enforces_unified_limits_on_uploads_but_copy_image_checks_the_cal
     owner, imagesync = connect(box, "sandbox-owner"), connect(box, sandbox_mod.CLOUD)
     tenant_a, own_project = box.projects["tenant-a"], box.projects["imagesync"]
     assert box.unified_limits
+    delete_project_images(owner, tenant_a)   # a shared sandbox: usage starts from none
     assert box.limits() == {"registered": sandbox_mod.GLANCE_LIMITS, "projects": {}}
 
     # Glance reports the registered limits of all four of its resources.

@@ -199,6 +199,7 @@ def test_etcd_stopped_then_started_keeps_its_data_and_serves_locks_again(sandbox
         coord.delete_group(group).get()
 
 
+@pytest.mark.full_only   # a minute of tooz's retries; the daemons' side: test_controllers
 def test_redis_stopped_makes_heartbeats_raise_tooz_connection_error_until_it_is_back(sandbox):
     """tooz retries a refused connection 15 times and redis-py 10 times each, with backoff:
     the heartbeat raises only after about a minute."""

@@ -47,7 +47,9 @@ class ActivateCounter:
         self.transport.cleanup()
 
 
-@pytest.mark.parametrize("durable", [False, True], ids=["default-queues", "durable-queues"])
+@pytest.mark.parametrize("durable", [  # durable queues: tox -e reliability (CI time)
+    False, pytest.param(True, marks=pytest.mark.full_only)],
+    ids=["default-queues", "durable-queues"])
 def test_a_broker_restart_mid_burst_is_survived_and_the_gap_closed(
         private_sandbox, tmp_path, durable, figures):
     rabbit_opts = {"amqp_durable_queues": str(durable).lower()}

@@ -294,6 +294,7 @@ def test_a_rolling_restart_of_every_controller_under_a_steady_stream_of_uploads_
         images.delete_all()
 
 
+@pytest.mark.full_only
 def test_standby_daemons_send_glance_nothing_beyond_what_one_daemon_sends(
         sandbox, admin_conn, cluster, prefix, figures):
     """Glance requests per reconcile pass, counted at the API nodes: three daemons (one
