@@ -24,9 +24,10 @@ import structlog
 from imagesync.backoff import compute_backoff
 from imagesync.ledger import read
 from imagesync.ledger.claims import SPLIT_AFTER
+from imagesync.ledger.migrate import connect
 from imagesync.ledger.ops import Ops
 from imagesync.ledger.prune import Retention
-from imagesync.ledger.schema import RETRY_CAP, LedgerError, connect, is_full, open_readonly
+from imagesync.ledger.schema import RETRY_CAP, LedgerError, is_full, open_readonly
 from imagesync.ledger.upkeep import SIZE_CHECK, Upkeep
 
 log = structlog.get_logger("imagesync.ledger")

@@ -32,3 +32,10 @@ def test_with_retry_open_calls_fail_fast_until_the_ledger_can_be_opened(tmp_path
         wait_for(opened, timeout=10, message="the ledger opened once its directory could be made")
     finally:
         ledger.close()
+
+
+def test_the_readers_schema_list_names_the_writers_migrations_in_order():
+    from imagesync.ledger.migrate import migrations
+    from imagesync.ledger.schema import SCHEMA
+
+    assert SCHEMA == [m.name for m in migrations._migrations]
