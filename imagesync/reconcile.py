@@ -122,7 +122,7 @@ class Reconciler:
         t0 = time.monotonic()
         stores = self.glance.stores(refresh=True)
         policy = self.policy.policy
-        images = marked = pages = 0
+        images = marked = trusted = pages = 0
         for hidden in (False, True):
             for listed in every_image(self.glance, self.page_size, hidden, _log_resume):
                 pages += 1
@@ -133,7 +133,9 @@ class Reconciler:
                     desired, skipped = planner.targets(policy, image, stores, now=started)
                     items.append((image, desired, skipped))
                 images += len(items)
-                marked += self.ledger.reconcile_page(items, self.clock())
+                done = self.ledger.reconcile_page(items, self.clock())
+                marked += done.marked
+                trusted += done.trusted
                 if marked and self.on_change:
                     self.on_change()
                 if self.stopping.is_set():
@@ -142,8 +144,8 @@ class Reconciler:
                     self.between_pages(listed)
         seconds = time.monotonic() - t0
         gone = self.ledger.reconcile_finish(started, self.clock(), seconds)
-        figures = {"images": images, "marked": marked + gone, "pages": pages,
-                   "seconds": round(seconds, 3)}
+        figures = {"images": images, "marked": marked + gone, "settled_from_listing": trusted,
+                   "pages": pages, "seconds": round(seconds, 3)}
         if self.metrics:
             self.metrics.reconciled(seconds, self.clock())
         log.info("reconcile pass done", **figures)

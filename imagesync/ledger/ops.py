@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import sqlite_utils
 
@@ -20,7 +21,17 @@ from imagesync.ledger.claims import SPLIT_AFTER, ClaimOps
 from imagesync.ledger.prune import PruneOps
 from imagesync.ledger.requests import RequestOps
 from imagesync.model import Image
-from imagesync.planner import FAILED, IN_FLIGHT, OPEN, Copy, Settings, Tracking, Visit
+from imagesync.planner import (
+    CANCELLED,
+    DONE,
+    FAILED,
+    IN_FLIGHT,
+    OPEN,
+    Copy,
+    Settings,
+    Tracking,
+    Visit,
+)
 
 _COPY_FIELDS = ("image_id", "store", "state", "attempts", "next_attempt_at", "rules",
                 "error_kind", "error_status", "error_message", "started_at", "finished_at")
@@ -225,10 +236,14 @@ class Ops(ClaimOps, PruneOps, RequestOps):
 
     # -- reconcile
 
-    def reconcile_page(self, items: list[tuple[Image, dict, dict]], now: float) -> int:
-        """Record listed images; mark those whose copies disagree with the policy to look at."""
+    def reconcile_page(self, items: list[tuple[Image, dict, dict]], now: float) -> Reconciled:
+        """Record listed images; mark those whose copies disagree with the policy to look at.
+        An image seen for the first time whose listing alone settles every copy (active,
+        unlocked, already in every store it should be in) gets its rows from the listing,
+        with no visit: after a fresh start or a failover, only images needing a copy are
+        looked at."""
         if not items:
-            return 0
+            return Reconciled(0, 0)
         ids = [img.id for img, _, _ in items]
         rows: dict[str, dict[str, str]] = {}
         visited: set[str] = set()
@@ -240,29 +255,36 @@ class Ops(ClaimOps, PruneOps, RequestOps):
                 rows.setdefault(r[0], {})[r[1]] = r[2]
             visited.update(r[0] for r in self.x(
                 f"SELECT id FROM images WHERE seen_at IS NOT NULL AND id IN ({marks})", part))
-        marked = 0
+        marked = trusted = 0
         for image, desired, skipped in items:
             have = rows.get(image.id, {})
-            look = image.status == "active" and \
+            settled = None if have or image.id in visited else \
+                _settled_by_listing(image, desired, skipped, now)
+            look = not settled and image.status == "active" and \
                 _disagrees(image, desired, skipped, have, image.id in visited)
             self.x("""
                 INSERT INTO images (id, name, owner, visibility, status, disk_format, size,
-                    stores, hidden, reconciled_at, look_at, created_at, updated_at)
-                VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)
+                    stores, hidden, reconciled_at, look_at, seen_at, created_at, updated_at)
+                VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)
                 ON CONFLICT(id) DO UPDATE SET name = excluded.name, owner = excluded.owner,
                   visibility = excluded.visibility, status = excluded.status,
                   disk_format = excluded.disk_format, size = excluded.size,
                   stores = excluded.stores, hidden = excluded.hidden,
                   reconciled_at = excluded.reconciled_at, deleted = 0,
+                  seen_at = coalesce(excluded.seen_at, images.seen_at),
                   look_at = CASE WHEN excluded.look_at IS NOT NULL AND
                                  (images.look_at IS NULL OR images.look_at > excluded.look_at)
                             THEN excluded.look_at ELSE images.look_at END,
                   updated_at = excluded.updated_at""",
                    (image.id, image.name, image.owner, image.visibility, image.status,
                     image.disk_format, image.size, ",".join(sorted(image.stores)),
-                    int(image.hidden), now, now if look else None, now, now))
+                    int(image.hidden), now, now if look else None, now if settled else None,
+                    now, now))
+            if settled:
+                self._write_copies(settled, now, image.size)
+                trusted += 1
             marked += look
-        return marked
+        return Reconciled(marked, trusted)
 
     def reconcile_finish(self, started: float, now: float, seconds: float) -> int:
         """Images the full listing did not show, with copies still open or failed: look
@@ -284,6 +306,24 @@ class Ops(ClaimOps, PruneOps, RequestOps):
     def counts_by_store(self) -> dict[tuple[str, str], int]:
         """{(store, state): n}. Answered from a read-only connection, never the writer."""
         return read.count_copies_by_store(self.db.conn)
+
+
+class Reconciled(NamedTuple):
+    marked: int    # images to look at
+    trusted: int   # images first seen and settled from the listing alone (no GET)
+
+
+def _settled_by_listing(image: Image, desired, skipped, now: float) -> dict[str, Copy] | None:
+    """The rows a visit would write for an image the ledger has never seen, when the
+    listing alone settles them: active, no import lock, in every store it should be in
+    (skipped stores recorded as a visit records them). None when it needs a look."""
+    if image.status != "active" or image.import_task or not (desired or skipped):
+        return None
+    visit = planner.plan_visit(image, {}, desired, skipped, Tracking(), now, Settings())
+    if visit.look_at is not None or visit.waiting or \
+            any(c.state not in (DONE, CANCELLED) for c in visit.changes.values()):
+        return None
+    return visit.changes
 
 
 def _disagrees(image: Image, desired, skipped, have: dict[str, str], visited: bool) -> bool:

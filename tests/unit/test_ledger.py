@@ -7,6 +7,7 @@ status` would see them, so "written" always means "committed".
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -469,3 +470,31 @@ def test_note_events_throughput_is_reported(ledger, path, capsys):
         print(f"\nnote_events: {total} events over {images} images in batches of {batch}: "
               f"{total / seconds:,.0f} events/s ({seconds:.2f} s)")
     assert query(path, "SELECT count(*) AS n FROM images")[0]["n"] == images
+
+
+# -- the first pass over images already in place ---------------------------------------------
+
+
+def test_a_first_pass_trusts_the_listing_for_images_already_where_the_policy_wants_them(
+        ledger, path):
+    # Given a fresh ledger, and the listing of four images
+    placed = image(1, stores=("fast", "slow"))                       # in every wanted store
+    missing = image(2, stores=("fast",))                             # needs a copy
+    locked = image(3, stores=("fast", "slow"), lock="task-3")        # an import is on it
+    qcow = dataclasses.replace(image(4, stores=("fast",)), disk_format="qcow2")   # skipped
+    items = [(placed, {"fast": RULE, "slow": RULE}, {}),
+             (missing, {"fast": RULE, "slow": RULE}, {}),
+             (locked, {"fast": RULE, "slow": RULE}, {}),
+             (qcow, {"fast": RULE}, {"ceph": (RULE, "qcow2 image on rbd store ceph")})]
+    # When the reconciler records them
+    done = ledger.reconcile_page(items, T0)
+    # Then the ones the listing settles get their rows with no look; the others are looked at
+    assert (done.marked, done.trusted) == (2, 2)
+    assert {s: c["state"] for s, c in copies(path, 1).items()} == {"fast": "done", "slow": "done"}
+    assert {s: (c["state"], c["error_kind"]) for s, c in copies(path, 4).items()} == \
+        {"fast": ("done", None), "ceph": ("cancelled", "skipped")}
+    looked = {r["id"]: r["look_at"] for r in query(path, "SELECT id, look_at FROM images")}
+    assert looked == {image_id(1): None, image_id(2): T0, image_id(3): T0, image_id(4): None}
+    assert image_row(path, 1)["seen_at"] == T0 and image_row(path, 2)["seen_at"] is None
+    # and the next pass has nothing more to say about them
+    assert ledger.reconcile_page(items[:1] + items[3:], T0 + 600) == (0, 0)
