@@ -79,6 +79,10 @@ copy_opts = [
                help="Tries before a store Glance does not know blocks the copy."),
     cfg.FloatOpt("poll_interval", default=1.0, min=0.05,
                  help="Seconds between polls of an image whose import is in flight."),
+    cfg.FloatOpt("long_import_poll_interval", default=30.0, min=0.05,
+                 help="Seconds between polls of an import of ours older than a minute: its "
+                      "end comes as a notification (task.success / task.failure); the polls "
+                      "are the safety net for a lost one."),
     cfg.FloatOpt("lock_poll_interval", default=60.0, min=0.1,
                  help="Seconds between looks at an image whose import lock another import "
                       "holds."),

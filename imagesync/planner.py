@@ -19,6 +19,7 @@ PENDING, IN_FLIGHT, DONE, RETRYING, FAILED, CANCELLED = (
 STATES = (PENDING, IN_FLIGHT, DONE, RETRYING, FAILED, CANCELLED)
 OPEN = frozenset({PENDING, RETRYING})            # waiting to be sent
 MIN_POLL = 0.2  # seconds: the soonest an import of ours is polled again
+LONG_IMPORT = 60.0  # seconds after which an import of ours is polled every Settings.long_poll
 GONE_STATUSES = frozenset({"deleted", "pending_delete", "killed"})
 CUT_OFF = "the import was cut off: its task died with its glance-api (no attempt used)"
 BLOCKED = "blocked; tried again after the next store-list refresh"
@@ -72,6 +73,8 @@ class Settings:
     quota_recheck: float = 60.0    # how often a copy held for its owner's quota is re-checked
     unknown_store_tries: int = 3
     poll_interval: float = 1.0
+    long_poll: float = 30.0      # an import older than LONG_IMPORT: polled this often at most
+    #                              (its task's end comes as a notification)
     settle_grace: float = 10.0   # how long an import may show no lock before we judge it
     lock_poll: float = 60.0      # how often to re-check an image locked by another import
     lock_expiry: float = 3600.0  # Glance preempts a lock whose task is older than this
@@ -337,10 +340,15 @@ def _describe_lock(image: Image, track: Tracking, now: float, s: Settings):
 
 def _poll_delay(track: Tracking, now: float, s: Settings) -> float:
     """Poll a young import soon (most copies take well under a second), then back off to
-    poll_interval: the next poll comes after a quarter of the time the import has taken."""
+    poll_interval: the next poll comes after a quarter of the time the import has taken.
+    Past LONG_IMPORT, every long_poll: the task's notification says when it ends, polls are
+    the safety net (and keep the stale-lock check going)."""
     if track.import_started_at is None:
         return s.poll_interval
-    return min(s.poll_interval, max(MIN_POLL, (now - track.import_started_at) / 4))
+    age = now - track.import_started_at
+    if age >= LONG_IMPORT:
+        return max(s.poll_interval, s.long_poll)
+    return min(s.poll_interval, max(MIN_POLL, age / 4))
 
 
 def _earliest(a: float | None, b: float | None) -> float | None:

@@ -56,18 +56,21 @@ class Ops(ClaimOps, PruneOps, RequestOps):
     def note_events(self, events: Iterable[Event], now: float) -> int:
         """Record a batch of parsed notifications, coalesced per image; mark images to look at."""
         per_image: dict[str, dict] = {}
-        tasks = set()
+        tasks: dict[str, str | None] = {}   # task id -> how it ended (success, failure)
         count = 0
         for ev in events:
             count += 1
             if ev.kind is EventKind.TASK or ev.image_id is None:   # only a task has no image
                 # The lock is released without a notification, around these last events.
                 if ev.task_id and ev.event_type in ("task.success", "task.failure", "task.run"):
-                    tasks.add(ev.task_id)
+                    ended = ev.event_type.removeprefix("task.")
+                    tasks[ev.task_id] = tasks.get(ev.task_id) if ended == "run" else ended
                 continue
             ts = ev.timestamp.timestamp() if ev.timestamp else now
             cur = per_image.setdefault(ev.image_id, {"ts": ts, "status": None, "look": False})
             if ev.task_id:
+                if ts >= cur.get("lock_ts", 0.0):
+                    cur["lock"] = ev.task_id
                 cur["lock_ts"] = max(cur.get("lock_ts", 0.0), ts)
             if ts >= cur["ts"]:
                 cur["ts"] = ts
@@ -102,12 +105,22 @@ class Ops(ClaimOps, PruneOps, RequestOps):
                 # before a poll ever sees the lock).
                 self.x("UPDATE images SET saw_lock = 1 WHERE id = ? AND import_started_at "
                        "IS NOT NULL AND import_started_at <= ?", (image_id, cur["lock_ts"] + 1))
+                # ... and which task holds it: its task.success / task.failure then says the
+                # import is over, even before a poll sees the lock (or sees it dropped).
+                self.x("UPDATE images SET lock_task = ?, lock_seen_at = ?, lock_task_status = "
+                       "NULL, lock_task_updated_at = NULL WHERE id = ? AND "
+                       "(lock_task IS NULL OR lock_task != ?)",
+                       (cur["lock"], now, image_id, cur["lock"]))
             if "error" in cur:
                 self.x("UPDATE images SET upload_error = ?, upload_error_at = ?, "
                        "upload_error_quota = ? WHERE id = ?", (*cur["error"], image_id))
-        for task in tasks:
-            self.x("UPDATE images SET look_at = ? WHERE lock_task = ? "
-                   "AND (look_at IS NULL OR look_at > ?)", (now, task, now))
+        for task, how in tasks.items():
+            # Glance sends task.success before it saves the task and drops the lock: the
+            # copy is made (or failed) by then, so the look now may still see the lock, and
+            # the status says the import is over all the same (planner.plan_visit).
+            self.x("UPDATE images SET look_at = CASE WHEN look_at IS NULL OR look_at > ? "
+                   "THEN ? ELSE look_at END, lock_task_status = coalesce(?, lock_task_status) "
+                   "WHERE lock_task = ?", (now, now, how, task))
         self.x("INSERT INTO daemon (id, last_event_at, events_total) VALUES (1, ?, ?) "
                "ON CONFLICT(id) DO UPDATE SET last_event_at = excluded.last_event_at, "
                "events_total = daemon.events_total + excluded.events_total", (now, count))

@@ -172,6 +172,31 @@ def test_a_notification_noted_while_a_visit_s_get_was_out_is_not_lost(ledger, pa
     assert image_row(path)["look_at"] == (noted if during else None)
 
 
+def test_the_lock_named_by_a_notification_lets_the_task_s_end_finish_our_import(ledger, path):
+    # Given our import of image 1 in flight, polled only in two seconds, and no poll has seen
+    # its lock: Glance's image.update names it (os_glance_import_task)
+    locked = captured("0010-image.update.json")
+    img = image(1)
+    plan(ledger, dataclasses.replace(img, id=locked.image_id), "fast", "slow")
+    claim(ledger, now=T0 + 10)
+    ledger.record_started(locked.image_id, T0 + 12, T0 + 10)
+    ledger.note_events([locked], T0 + 10.1)
+    # When the task's success arrives (before Glance drops the lock)
+    ledger.note_events([captured("0015-task.success.json")], T0 + 10.5)
+    # Then the image is looked at now, and the ledger knows that task ended well
+    row = query(path, "SELECT look_at, lock_task, lock_task_status FROM images WHERE id = ?",
+                locked.image_id)[0]
+    assert row == {"look_at": T0 + 10.5, "lock_task": locked.task_id,
+                   "lock_task_status": "success"}
+    # and a late task.run (stale "pending") changes nothing of that
+    ledger.note_events([captured("0016-task.run.json")], T0 + 10.6)
+    assert image_row_of(path, locked.image_id)["lock_task_status"] == "success"
+
+
+def image_row_of(path, image_id: str) -> dict:
+    return query(path, "SELECT * FROM images WHERE id = ?", image_id)[0]
+
+
 def test_a_finished_import_task_wakes_the_image_whose_lock_it_holds(ledger, path):
     # Given two images held by other imports (the lock ids come from captured notifications)
     locked = captured("0010-image.update.json")

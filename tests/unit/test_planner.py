@@ -585,3 +585,14 @@ def test_a_gone_image_cancels_the_claimed_copies():
                                NOW, SETTINGS)
     assert {c.state for c in changes.values()} == {CANCELLED}
 
+
+
+def test_an_import_older_than_a_minute_is_polled_every_long_poll_not_every_second():
+    from imagesync.planner import LONG_IMPORT, MIN_POLL, _poll_delay
+
+    s = Settings(poll_interval=1.0, long_poll=30.0)
+    started = Tracking(import_started_at=NOW)
+    assert _poll_delay(started, NOW + 0.4, s) == MIN_POLL          # young: soon
+    assert _poll_delay(started, NOW + 2.0, s) == 0.5               # a quarter of its age
+    assert _poll_delay(started, NOW + 30.0, s) == 1.0              # capped by poll_interval
+    assert _poll_delay(started, NOW + LONG_IMPORT, s) == 30.0      # long: quiet
