@@ -535,7 +535,7 @@ BROKEN: dict[str, tuple[str | bytes, int | None]] = {
     "list-at-top": ("- version: 1\n- rules: []\n", 1),
     "scalar-at-top": ("imagesync\n", 1),
     "missing-version": ("rules:\n" + GOOD_RULE, 1),
-    "version-2": ("version: 2\nrules:\n" + GOOD_RULE, 1),
+    "version-3": ("version: 3\nrules:\n" + GOOD_RULE, 1),
     "version-string": ("version: \"1\"\nrules:\n" + GOOD_RULE, 1),
     "version-float": ("version: 1.0\nrules:\n" + GOOD_RULE, 1),
     "missing-rules": ("version: 1\n", 1),
@@ -595,7 +595,7 @@ BROKEN: dict[str, tuple[str | bytes, int | None]] = {
 }
 # What the error must say (a word or two of it), for the files where that matters most.
 SAYS = {"tab-indent": "tab", "empty-file": "empty", "list-at-top": "got a list",
-        "version-2": "unsupported version", "unknown-top-key": "unknown key 'rulez'",
+        "version-3": "unsupported version", "unknown-top-key": "unknown key 'rulez'",
         "unknown-rule-key": "unknown key 'store'", "unknown-matcher": "unknown matcher 'owner'",
         "duplicate-rule-names": "duplicate rule name", "duplicate-key": "duplicate key",
         "property-a-float": "quote it", "property-a-bool": "quote it",
