@@ -130,7 +130,7 @@ def test_the_active_daemon_killed_again_and_again_loses_no_copy(
         wait_for(lambda: active_one(c.daemons), timeout=30, message="an active daemon")
         ids = []
         takeovers = []
-        per_kill = count // (kills + 1)
+        per_kill = -(-count // (kills + 1))   # at least `count` copies in all
         for k in range(kills + 1):
             ids += [images.upload(sandbox, admin_conn, 4096, f"{prefix}-{k}-{n}").id
                     for n in range(per_kill)]
