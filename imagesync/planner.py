@@ -233,8 +233,7 @@ def plan_visit(image: Image | None, copies: Mapping[str, Copy], desired, skipped
         dead = bool(image.import_task) and _describe_lock(image, track, now, s)[1]
         # A finished task can keep its lock (glance-api stopped before releasing it; Glance
         # then holds it until it expires): our import is over all the same.
-        finished = track.lock_task == image.import_task and \
-            track.lock_task_status in ("success", "failure")
+        finished = _ended(image, track)
         cut_off = dead and not finished
         dead = dead or (bool(image.import_task) and finished)
         if (image.import_task and not dead) or (
@@ -291,7 +290,7 @@ def plan_visit(image: Image | None, copies: Mapping[str, Copy], desired, skipped
     open_copies = [c for st, c in copies.items() if c.state in OPEN and st not in image.stores]
     if image.status != "active":
         waiting = f"image is {image.status}"
-    elif image.import_task and not in_flight:
+    elif image.import_task and not in_flight and (open_copies or not _ended(image, track)):
         foreign = image.import_task
         waiting, lock_stale = _describe_lock(image, track, now, s)
         if open_copies and not lock_stale:
@@ -321,6 +320,13 @@ def _wanted_again(copy: Copy, s: Settings) -> Copy:
     return _set(copy, state=PENDING, attempts=min(copy.attempts, s.max_attempts - 1),
                 next_attempt_at=None, error_kind=None, error_status=None, error_message=None,
                 finished_at=None)
+
+
+def _ended(image: Image, track: Tracking) -> bool:
+    """The task holding the image's lock has ended (its notification, or the tasks API, said
+    so): Glance drops that lock a moment later, and nothing of ours waits on it."""
+    return track.lock_task == image.import_task and \
+        track.lock_task_status in ("success", "failure")
 
 
 def _describe_lock(image: Image, track: Tracking, now: float, s: Settings):

@@ -596,3 +596,16 @@ def test_an_import_older_than_a_minute_is_polled_every_long_poll_not_every_secon
     assert _poll_delay(started, NOW + 2.0, s) == 0.5               # a quarter of its age
     assert _poll_delay(started, NOW + 30.0, s) == 1.0              # capped by poll_interval
     assert _poll_delay(started, NOW + LONG_IMPORT, s) == 30.0      # long: quiet
+
+
+def test_our_import_whose_task_ended_is_done_at_once_and_leaves_nothing_waiting_on_its_lock():
+    # Given our import to slow in flight, and task.success noted for the task holding the
+    # lock: Glance has not dropped the lock yet when the look comes
+    copies = {"slow": Copy(IMAGE_ID, "slow", state=IN_FLIGHT, attempts=1, started_at=NOW - 3)}
+    track = Tracking(import_started_at=NOW - 3, saw_lock=True, lock_task=OUR_TASK,
+                     lock_task_status="success")
+    visit = plan_visit(image(("fast", "slow"), lock=OUR_TASK), copies,
+                       {"slow": ("r",)}, {}, track, NOW, SETTINGS)
+    # Then the copy is done on this look, and nothing waits on a lock about to go
+    assert visit.changes["slow"].state == DONE
+    assert (visit.waiting, visit.look_at, visit.foreign_lock) == (None, None, None)
