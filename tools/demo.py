@@ -199,7 +199,7 @@ def coordination(m: Member) -> dict:
 
 
 def roles(members: list[Member]) -> dict[str, dict]:
-    """coordination() of each node, asked at once (a status takes a second or two)."""
+    """coordination() of each node, asked at once."""
     with ThreadPoolExecutor(len(members)) as pool:
         return dict(zip([m.name for m in members], pool.map(coordination, members),
                         strict=True))
