@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 
-from oslo_config import cfg
+from oslo_config import cfg, types
 
 from imagesync import quota
 
@@ -148,11 +148,17 @@ ledger_opts = [
                       "whole image into staging). 0: send to the stores with room at once."),
 ]
 
-def _storage_quota(value) -> int:
-    return value if isinstance(value, int) else quota.parse_storage_quota(str(value))
+class StorageQuota(types.ConfigType):
+    """Glance's user_storage_quota syntax ("0", "500MB", "10GB"), read as bytes."""
 
+    def __init__(self) -> None:
+        super().__init__(type_name="storage quota: bytes, or a number with B, KB, MB, GB or TB")
 
-_storage_quota.type_name = "storage quota: bytes, or a number with B, KB, MB, GB or TB"  # type: ignore[attr-defined]
+    def __call__(self, value) -> int:
+        return value if isinstance(value, int) else quota.parse_storage_quota(str(value))
+
+    def _formatter(self, value) -> str:
+        return str(value)
 
 
 quota_opts = [
@@ -167,7 +173,7 @@ quota_opts = [
     cfg.FloatOpt("headroom_percent", default=10.0, min=0.0, max=100.0,
                  help="Share of an owner's limit imagesync's copies leave free for the "
                       "owner's own uploads."),
-    cfg.Opt("user_storage_quota", type=_storage_quota, default="0",
+    cfg.Opt("user_storage_quota", type=StorageQuota(), default="0",
             help="Glance's legacy [DEFAULT] user_storage_quota, copied here (imagesync "
                  "cannot read Glance's configuration): 0 = none; bytes, or a number with "
                  "B, KB, MB, GB or TB (powers of 1024). Unified limits take precedence."),
