@@ -7,6 +7,7 @@ pruning (prune.py) and the operator's requests (requests.py) are mixed in.
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 from collections.abc import Iterable
 from typing import NamedTuple
@@ -195,6 +196,11 @@ class Ops(ClaimOps, PruneOps, RequestOps):
         before = self._copies(image_id)
         track = self._tracking(image_id)
         visit = planner.plan_visit(image, before, desired, skipped, track, now, settings)
+        if image is not None and image.status != "active" and visit.look_at is None and \
+                self._said_active(image_id, now):
+            # Glance sends image.activate before its commit: a GET right after it can still
+            # read the image as saving. The notification already came; look again soon.
+            visit = dataclasses.replace(visit, look_at=now + planner.MIN_POLL)
         self._write_copies(visit.changes, now, image.size if image else None)
         self.x("INSERT INTO images (id, created_at, updated_at) VALUES (?, ?, ?) "
                "ON CONFLICT(id) DO NOTHING", (image_id, now, now))
@@ -221,6 +227,12 @@ class Ops(ClaimOps, PruneOps, RequestOps):
                f"END, {sets} WHERE id = ?",
                (asked_at, asked_at, look_at, look_at, look_at, *common.values(), image_id))
         return visit, before
+
+    def _said_active(self, image_id: str, now: float) -> bool:
+        """A notification said this image is active, lately (ACTIVATE_GRACE seconds)."""
+        row = self.x("SELECT status, last_event_at FROM images WHERE id = ?",
+                     (image_id,)).fetchone()
+        return bool(row) and row[0] == "active" and now - (row[1] or 0) < ACTIVATE_GRACE
 
     def record_visit_error(self, image_id: str, look_at: float, now: float) -> None:
         self.x("UPDATE images SET look_at = ?, visit_failures = visit_failures + 1, "
@@ -319,6 +331,9 @@ class Ops(ClaimOps, PruneOps, RequestOps):
     def counts_by_store(self) -> dict[tuple[str, str], int]:
         """{(store, state): n}. Answered from a read-only connection, never the writer."""
         return read.count_copies_by_store(self.db.conn)
+
+
+ACTIVATE_GRACE = 10.0   # seconds a GET may lag an image.activate notification (its commit)
 
 
 class Reconciled(NamedTuple):
