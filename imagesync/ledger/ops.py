@@ -78,7 +78,7 @@ class Ops(ClaimOps, PruneOps, RequestOps):
                 if ev.status:
                     cur["status"] = ev.status
             if ev.kind is EventKind.DELETED:
-                cur["status"], cur["look"] = "deleted", True
+                cur["status"], cur["look"], cur["deleted"] = "deleted", True, True
             elif ev.kind is EventKind.UPLOAD_FAILED:
                 cur["error"] = (ev.reason, ts, int(ev.quota))
             elif ev.status in (None, "active"):
@@ -115,6 +115,12 @@ class Ops(ClaimOps, PruneOps, RequestOps):
             if "error" in cur:
                 self.x("UPDATE images SET upload_error = ?, upload_error_at = ?, "
                        "upload_error_quota = ? WHERE id = ?", (*cur["error"], image_id))
+            if cur.get("deleted"):
+                # Deleted, and nothing of ours open or failed to cancel: no look (a GET only
+                # to hear 404); a backlog of deletions then never delays a new upload's look.
+                self.x("UPDATE images SET deleted = 1, look_at = NULL WHERE id = ? AND NOT "
+                       "EXISTS (SELECT 1 FROM copies WHERE image_id = ? AND state IN "
+                       "('pending', 'retrying', 'in_flight', 'failed'))", (image_id, image_id))
         for task, how in tasks.items():
             # Glance sends task.success before it saves the task and drops the lock: the
             # copy is made (or failed) by then, so the look now may still see the lock, and

@@ -177,6 +177,20 @@ def test_a_notification_noted_while_a_visit_s_get_was_out_is_not_lost(ledger, pa
     assert image_row(path)["look_at"] is None
 
 
+def test_a_deleted_image_is_looked_at_only_when_a_copy_of_ours_is_open_or_failed(ledger, path):
+    # Given image 1 with a copy pending, image 2 with every copy done, image 3 never seen
+    plan(ledger, image(1), "fast", "slow")
+    plan(ledger, image(2, ("fast", "slow")), "fast", "slow")
+    # When Glance says all three were deleted
+    ledger.note_events([event(n, T0 + 5, None, EventKind.DELETED) for n in (1, 2, 3)], T0 + 5)
+    # Then only image 1 is looked at (its copy must be cancelled); the others are recorded
+    # deleted with no look: no GET only to hear 404, nothing ahead of a new upload's look
+    rows = {r["id"]: (r["look_at"], r["deleted"], r["status"])
+            for r in query(path, "SELECT id, look_at, deleted, status FROM images")}
+    assert rows == {image_id(1): (T0 + 5, 0, "deleted"), image_id(2): (None, 1, "deleted"),
+                    image_id(3): (None, 1, "deleted")}
+
+
 def test_the_lock_named_by_a_notification_lets_the_task_s_end_finish_our_import(ledger, path):
     # Given our import of image 1 in flight, polled only in two seconds, and no poll has seen
     # its lock: Glance's image.update names it (os_glance_import_task)
