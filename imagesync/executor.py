@@ -57,7 +57,6 @@ class Executor(ImageOperations):
         self.may_import = may_import or (lambda: True)
         self.fenced = 0   # imports held back because the claim may have lapsed
         self.resent = 0   # imports sent again at once: an API node lacked a store
-        self.held = 0     # copies held for their owner's quota (each time)
         ttl = getattr(glance, "stores_ttl", None)   # blocked copies wait for its next refresh
         if ttl is not None:
             settings = dataclasses.replace(settings, store_list_ttl=ttl)

@@ -53,7 +53,6 @@ class ImageOperations:
     may_import: Callable[[], bool]
     fenced: int
     resent: int
-    held: int
     owner_quota: Any       # imagesync.limits.OwnerQuota, or None: no owner-quota check
 
     def _answered(self, image_id: str, kind: str) -> None:
@@ -136,9 +135,7 @@ class ImageOperations:
         now = self.clock()
         self._answered(image_id, IMPORT)
         if status == 202:
-            self.ledger.record_started(image_id, now + self.settings.poll_interval, now)
-            if self.metrics:
-                self.metrics.import_started(stores)
+            self._started(image_id, stores, now + self.settings.poll_interval, now)
             return
         try:   # classified by the image's state, never by Glance's message text
             image = self.glance.get_image(image_id) if status in (400, 409) else None
@@ -168,7 +165,6 @@ class ImageOperations:
                          self.clock())
             return []
         if decision.held:
-            self.held += len(decision.held)
             log.warning("copy held: the owner's quota has no room", image_id=image_id,
                         owner=owner, stores=list(decision.held), reason=decision.reason)
             self._record(image_id, list(decision.held),
@@ -198,9 +194,7 @@ class ImageOperations:
         if status != 202:
             return False
         now = self.clock()
-        self.ledger.record_started(image_id, now + self.settings.poll_interval, now)
-        if self.metrics:
-            self.metrics.import_started(stores)
+        self._started(image_id, stores, now + self.settings.poll_interval, now)
         return True
 
     def _unanswered(self, image_id: str, stores: list[str], exc: GlanceError) -> None:
@@ -233,10 +227,14 @@ class ImageOperations:
                     error=exc.message, glance_took_it=took, lock=image.import_task)
         if took:   # ours, in flight (or done already): track it from now on
             self._answered(image_id, IMPORT)
-            self.ledger.record_started(image_id, now, now)
-            if self.metrics:
-                self.metrics.import_started(stores)
+            self._started(image_id, stores, now, now)
         return took
+
+    def _started(self, image_id: str, stores: list[str], look_at: float, now: float) -> None:
+        """Glance took our import: track it (first poll at `look_at`) and count it."""
+        self.ledger.record_started(image_id, look_at, now)
+        if self.metrics:
+            self.metrics.import_started(stores)
 
     def _backed_off(self, image_id: str, exc: Exception, outcome: Outcome) -> Outcome:
         """The outcome, waiting out the image's import backoff (and pausing all work when
