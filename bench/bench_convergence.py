@@ -1,6 +1,6 @@
 """Convergence: 40 images x 2 more stores. imagesync's wall time until every copy is done,
 at its default caps and at 4/4, versus a hand-written script running copy-image with its
-best concurrency (1, 4 or 8 in flight), in the same run. Also Glance requests and polls per
+best concurrency (1, 2, 4 or 8 in flight), in the same run. Also Glance requests and polls per
 copied (image, store), and the time from Glance dropping an import's lock (its own log:
 "<task> of api_image_import completed", logged once the task is saved and the lock gone)
 to imagesync logging "copy done".
@@ -18,7 +18,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench.common import RUNS, Section, connect, get_sandbox, scale, spread
+from bench.common import COPY_DEFAULTS, RUNS, Section, connect, get_sandbox, scale, spread
 
 from daemon import Daemon
 from helpers import upload_image, wait_for
@@ -60,7 +60,9 @@ def settled(conn, image_id: str) -> bool:
 
 def hand_script(conn, images, concurrency: int) -> float:
     """What an operator would write: POST copy-image, poll every 0.1 s until done; with
-    openstacksdk as imagesync's Keystone user, through HAProxy's TLS, as the daemon goes."""
+    openstacksdk as imagesync's Keystone user, through HAProxy's TLS, as the daemon goes.
+    The tag updates that start imagesync's clock are sent at the script's start too (the
+    script ignores them): Glance serves the same user traffic in both runs."""
     def copy(image):
         resp = conn.image.post(f"/images/{image.id}/import", json={
             "method": {"name": "copy-image"}, "stores": TARGETS,
@@ -70,9 +72,13 @@ def hand_script(conn, images, concurrency: int) -> float:
             time.sleep(0.1)
 
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
+    with ThreadPoolExecutor(8) as users, ThreadPoolExecutor(concurrency) as pool:
+        tagging = [users.submit(conn.image.add_tag, image, "go") for image in images]
         list(pool.map(copy, images))
-    return time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        for done in tagging:
+            done.result()
+    return seconds
 
 
 def imagesync_run(box, conn, workdir: Path, caps: dict) -> tuple[float, dict]:
@@ -83,7 +89,8 @@ rules:
   - name: convergence
     match: {{name: "{prefix}-*", tags: [go]}}
     stores: {TARGETS}
-""", {"imagesync": {"log_level": "INFO"}, "copy": caps, "reconcile": {"interval": 0}})
+""", {"imagesync": {"log_level": "INFO"}, "copy": {**COPY_DEFAULTS, **caps},
+      "reconcile": {"interval": 0}})
     images = upload_all(conn, prefix)  # before the daemon's queue exists: no events queued
     d.start()
     wait_for(lambda: any(e.get("event") == "reconcile pass done" for e in d.logs()),
@@ -126,12 +133,15 @@ def run() -> Section:
     section = Section("Convergence", f"{IMAGES} images of {SIZE >> 20} MiB in `fast` copied to "
                       f"{' and '.join(TARGETS)}: imagesync at its default caps and at 4/4 "
                       "(tagging the images so the policy wants them starts the clock) versus "
-                      "a hand script posting copy-image and polling every 0.1 s at 1, 4 and 8 "
+                      "a hand script posting copy-image and polling every 0.1 s at 1, 2, 4 and 8 "
                       "in flight, best kept; both as imagesync's Keystone user through "
-                      "HAProxy's TLS (`python bench/bench_convergence.py`).")
+                      "HAProxy's TLS, and both runs see the same 40 tag updates at their start "
+                      "(Glance's cost of the trigger, about 2 CPU-seconds, falls on both). "
+                      "imagesync runs at its own defaults (`[copy] poll_interval` 2 s) "
+                      "(`python bench/bench_convergence.py`).")
     mine: dict[str, list[float]] = {name: [] for name in CAPS}
     counts: dict[str, list[dict]] = {name: [] for name in CAPS}
-    best, per_level = [], {1: [], 4: [], 8: []}
+    best, per_level = [], {1: [], 2: [], 4: [], 8: []}
     for _ in range(RUNS):
         for level in per_level:
             images = upload_all(conn, f"hand{uuid.uuid4().hex[:6]}")

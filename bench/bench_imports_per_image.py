@@ -19,7 +19,16 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench.common import RUNS, Section, connect, get_sandbox, sandbox_mod, scale, spread
+from bench.common import (
+    COPY_DEFAULTS,
+    RUNS,
+    Section,
+    connect,
+    get_sandbox,
+    sandbox_mod,
+    scale,
+    spread,
+)
 
 from daemon import Daemon
 from helpers import upload_image, wait_for
@@ -68,7 +77,7 @@ rules:
     match: {{name: "{prefix}-one-*", tags: [go]}}
     stores: [slow]
 """, {"imagesync": {"log_level": "INFO"}, "reconcile": {"interval": 0},
-      "ledger": options})
+      "copy": COPY_DEFAULTS, "ledger": options})
     names = [f"{prefix}-one-{i:02}" for i in range(ONE_STORE)] + \
         [f"{prefix}-two-{i:02}" for i in range(IMAGES)]
     with ThreadPoolExecutor(4) as pool:

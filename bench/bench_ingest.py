@@ -141,7 +141,7 @@ def run() -> Section:
     conf = d.conf_file.read_text()
     section.note("listener settings: " + ", ".join(
         line.strip() for line in conf.splitlines()
-        if line.startswith(("batch", "executor_threads"))) + " (the daemon's defaults where "
+        if line.startswith("batch")) + " (the daemon's defaults where "
         "not listed)")
     return section
 

@@ -24,6 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from imagesync import conf as imagesync_conf  # noqa: E402
+
 import sandbox as sandbox_mod  # noqa: E402
 
 BENCH_DIR = Path(os.environ.get("IMAGESYNC_BENCH_DIR", ROOT / ".sandbox-bench"))
@@ -32,8 +34,10 @@ RUNS = int(os.environ.get("IMAGESYNC_BENCH_RUNS", "1" if QUICK else "3"))
 # The daemon's listener defaults unless the environment says otherwise (to compare settings).
 LISTENER = {k: v for k, v in (
     ("batch_size", os.environ.get("IMAGESYNC_BENCH_BATCH_SIZE")),
-    ("batch_timeout", os.environ.get("IMAGESYNC_BENCH_BATCH_TIMEOUT")),
-    ("executor_threads", os.environ.get("IMAGESYNC_BENCH_EXECUTOR_THREADS"))) if v}
+    ("batch_timeout", os.environ.get("IMAGESYNC_BENCH_BATCH_TIMEOUT"))) if v}
+# tests/daemon.py polls and backs off fast for quick tests; a benchmark runs the defaults.
+COPY_DEFAULTS = {o.name: o.default for o in imagesync_conf.copy_opts
+                 if o.name in ("poll_interval", "backoff_base", "backoff_cap")}
 
 
 def get_sandbox() -> sandbox_mod.Sandbox:

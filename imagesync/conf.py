@@ -52,9 +52,10 @@ notification_opts = [
                       "Under load batches fill by size anyway; a long wait only delays the "
                       "reaction to a quiet upload (see BENCHMARKS.md)."),
     cfg.IntOpt("executor_threads", default=1, min=1,
-               help="Threads handling notification batches. One is fastest: oslo.messaging's "
-                    "receive loop is the bottleneck and more threads only take its GIL "
-                    "(see BENCHMARKS.md); it also means a stalled ledger stops intake."),
+               deprecated_for_removal=True,
+               deprecated_reason="The listener's own thread records each batch and then "
+                                 "acknowledges it; there is no pool of threads to size.",
+               help="Ignored."),
 ]
 
 copy_opts = [
@@ -77,8 +78,11 @@ copy_opts = [
                  help="Delay before retrying a copy refused for quota."),
     cfg.IntOpt("unknown_store_tries", default=3, min=1,
                help="Tries before a store Glance does not know blocks the copy."),
-    cfg.FloatOpt("poll_interval", default=1.0, min=0.05,
-                 help="Seconds between polls of an image whose import is in flight."),
+    cfg.FloatOpt("poll_interval", default=2.0, min=0.05,
+                 help="Seconds from an import's start to its first poll; each later poll "
+                      "waits as long again as the import has taken, up to "
+                      "long_import_poll_interval (the notification of its end brings a look "
+                      "at once; polls are the safety net)."),
     cfg.FloatOpt("long_import_poll_interval", default=30.0, min=0.05,
                  help="Seconds between polls of an import of ours older than a minute: its "
                       "end comes as a notification (task.success / task.failure); the polls "

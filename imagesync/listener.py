@@ -1,23 +1,23 @@
 """The notification listener: Glance events from RabbitMQ into the ledger.
 
-An oslo.messaging batch listener on exchange `glance` with its own pool queue.
-A batch is parsed, coalesced per image and written in one ledger commit; it is
-acknowledged (HANDLED) only after that commit, and requeued when the ledger
-cannot be written, after backing off so the broker is not spun on. Garbage is
-logged and acknowledged: it can never succeed, so requeueing it would loop.
+A consumer on oslo.messaging's RabbitMQ connection, on exchange `glance` with its own
+pool queue. A batch is parsed, coalesced per image and written in one ledger commit; it
+is acknowledged only after that commit, and requeued when the ledger cannot be written,
+after backing off so the broker is not spun on. Garbage is logged and acknowledged (or
+rejected by oslo.messaging): it can never succeed, so requeueing it would loop. A
+redelivered duplicate is simply recorded again: that is harmless.
 """
 
 from __future__ import annotations
 
-import functools
 import threading
 import time
 from typing import Any
 
 import oslo_messaging
 import structlog
-from oslo_messaging.notify import dispatcher as notify_dispatcher
-from oslo_messaging.notify import listener as notify_listener
+from oslo_messaging._drivers import common as rpc_common
+from oslo_messaging._drivers import impl_rabbit
 
 from imagesync import events
 from imagesync.backoff import compute_backoff
@@ -30,8 +30,12 @@ PRIORITIES = ("audit", "debug", "info", "warn", "error", "critical", "sample")
 IDLE_POLL = 1.0  # longest one poll of an idle queue blocks: the idle listener's wake-ups/s
 
 
+class ListenerError(RuntimeError):
+    """The notification transport cannot be listened to (its driver is not RabbitMQ)."""
+
+
 class Endpoint:
-    """Batch endpoint: one method per priority, each receives a list of messages."""
+    """Records batches of notifications in the ledger: parse, one commit, say how it went."""
 
     def __init__(self, ledger, on_change=None, clock=time.time, sleep=None,
                  max_write_tries: int = 6, metrics=None):
@@ -45,10 +49,13 @@ class Endpoint:
         self.failures = 0          # consecutive failed ledger writes, shared by all threads
         self.healthy = threading.Event()
         self.healthy.set()
-        for priority in PRIORITIES:
-            setattr(self, priority, functools.partial(self._handle, priority=priority))
 
-    def _parse(self, message: dict, priority: str) -> events.Event | None:
+    def _parse(self, message: dict) -> events.Event | None:
+        priority = message.get("priority")
+        if not isinstance(priority, str):
+            log.warning("malformed notification envelope dropped",
+                        priority=repr(priority)[:100])
+            return None
         try:
             event = events.parse(message.get("event_type"), message.get("payload"),
                                  message.get("metadata"), priority)
@@ -65,8 +72,9 @@ class Endpoint:
                         reason=event.reason, quota=event.quota)
         return event
 
-    def _handle(self, messages: list[dict], priority: str):
-        parsed = [e for e in (self._parse(m, priority) for m in messages) if e is not None]
+    def handle_batch(self, messages: list[dict]):
+        """Record a batch in one commit: HANDLED once it is, REQUEUE if it never could be."""
+        parsed = [e for e in (self._parse(m) for m in messages) if e is not None]
         if self.metrics:
             self.metrics.notifications(len(messages), parsed, self.clock())
         if not parsed:
@@ -93,85 +101,125 @@ class Endpoint:
         return oslo_messaging.NotificationResult.REQUEUE
 
 
-class _BatchDispatcher(notify_dispatcher.BatchNotificationDispatcher):
-    """oslo.messaging's, except that one malformed envelope cannot requeue a whole batch.
-
-    oslo.messaging calls ``priority.lower()`` before any endpoint runs: a non-string priority
-    raises, and the server then requeues every message of the batch, forever. Such a message
-    gets no priority instead, which oslo.messaging logs as unknown and acknowledges.
-    """
-
-    def _extract_user_message(self, incoming):
-        try:
-            return super()._extract_user_message(incoming)
-        except Exception:
-            log.warning("malformed notification envelope dropped",
-                        priority=repr(incoming.message.get("priority"))[:100])
-            return "", incoming, None
-
-
-class _NoDuplicateCheck:
-    """Replaces oslo.messaging's cache of acknowledged `_unique_id`s on our listener.
-
-    oslo.messaging remembers the ids of the last 16 acknowledged notifications and drops a
-    later message with one of them WITHOUT acknowledging it: it stays unacknowledged for as
-    long as the connection lives, and is redelivered and dropped again after a reconnect
-    (a notifier's retried publish sends exactly such a copy). Recording an event twice is
-    harmless, so duplicates go through and are acknowledged like any other message.
-    """
-
-    @staticmethod
-    def check_duplicate_message(message: dict):
-        return message.pop("_unique_id", None)
-
-    @staticmethod
-    def add(_msg_id) -> None:
-        pass
-
-
-class _FirstThenBatch:
-    """Wait for a batch's first message in long polls, and only then batch_timeout for more.
-
-    oslo.messaging's batch poll waits in batch_timeout slices even while the queue is empty,
-    so a small batch_timeout makes an idle listener wake 1 / batch_timeout times a second.
-    """
-
-    def __init__(self, poll, idle_poll: float, on_poll=lambda: None):
-        self.poll, self.idle_poll, self.on_poll = poll, idle_poll, on_poll
-
-    def __call__(self, timeout=None, batch_size=1, batch_timeout=None):
-        self.on_poll()
-        first = self.poll(batch_size=1, batch_timeout=self.idle_poll)
-        if not first or batch_size <= 1:
-            return first
-        return first + self.poll(batch_size=batch_size - 1, batch_timeout=batch_timeout)
-
-
 class Listener:
-    """Owns the oslo.messaging transport and listener for one ConfigOpts."""
+    """Consumes Glance's notifications on oslo.messaging's own RabbitMQ connection.
+
+    oslo.messaging builds and keeps the connection: transport_url with its failover hosts,
+    every [oslo_messaging_rabbit] option (TLS, heartbeats, quorum or HA queues, durability),
+    the pool queue bound to each priority of the topic, and reconnection with the consumers
+    declared again. What this class replaces is oslo.messaging's notification server above
+    that connection (its poll loop, dispatcher and executor), which cost three quarters of
+    the receive path per message (BENCHMARKS.md, Ingest): here one thread takes a batch,
+    has it recorded, then acknowledges it, in that order.
+
+    A batch starts with one message waited for in polls of at most IDLE_POLL seconds
+    through oslo.messaging's `consume` (which reconnects); the rest is what the socket
+    already holds, read without a reconnect wrapper per message, and what arrives within
+    batch_timeout. Garbage that oslo.messaging cannot deserialize is rejected by it and
+    logged; a message without a usable priority is logged and acknowledged.
+    """
 
     def __init__(self, conf, endpoint: Endpoint):
         self.conf, self.endpoint = conf, endpoint
         n = conf.notifications
         self.transport = oslo_messaging.get_notification_transport(conf)
-        targets = [oslo_messaging.Target(exchange=n.exchange, topic=n.topic)]
-        self.listener = notify_listener.BatchNotificationServer(
-            self.transport, targets, _BatchDispatcher([endpoint], None), "threading",
-            allow_requeue=True, pool=n.pool or None, batch_size=n.batch_size,
-            batch_timeout=n.batch_timeout)
-        conf.set_override("executor_thread_pool_size", n.executor_threads)  # registered now
+        driver = self.transport._driver
+        if not isinstance(driver, impl_rabbit.RabbitDriver):
+            raise ListenerError(
+                "notifications are read from RabbitMQ only: the notification transport_url "
+                f"uses the {type(driver).__name__} driver, not rabbit://")
+        self.driver = driver
+        self.bindings = [f"{n.topic}.{p}" for p in PRIORITIES]
+        self.batch_size, self.batch_timeout = n.batch_size, n.batch_timeout
+        self.incoming: list[impl_rabbit.RabbitMessage] = []
+        self.conn: Any = None
+        self.thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self.listener.start()
-        driver_listener: Any = getattr(self.listener.listener, "_poll_style_listener", None)
-        if hasattr(driver_listener, "msg_id_cache"):
-            driver_listener.msg_id_cache = _NoDuplicateCheck()
-        if hasattr(driver_listener, "poll"):
-            driver_listener.poll = _FirstThenBatch(driver_listener.poll, IDLE_POLL,
-                                                   self.endpoint.heartbeat.beat)
+        n = self.conf.notifications
+        self.conn = self.driver._get_connection(rpc_common.PURPOSE_LISTEN)
+        for topic in self.bindings:
+            self.conn.declare_topic_consumer(exchange_name=n.exchange, topic=topic,
+                                             callback=self.incoming.append,
+                                             queue_name=n.pool or None)
+        self.thread = threading.Thread(target=self._run, name="listener", daemon=True)
+        self.thread.start()
 
     def stop(self) -> None:
         self.endpoint.stopping.set()
-        self.listener.stop()
-        self.listener.wait()
+        if self.conn is not None:
+            self.conn.stop_consuming()
+        if self.thread is not None:
+            self.thread.join()
+        if self.conn is not None:
+            self.conn.close()
         self.transport.cleanup()
+
+    def _run(self) -> None:
+        stopping = self.endpoint.stopping
+        while not stopping.is_set():
+            self.endpoint.heartbeat.beat()
+            try:
+                batch = self._batch()
+            except Exception:  # oslo.messaging gave up reconnecting: wait and try again
+                log.exception("cannot receive notifications; trying again")
+                self.endpoint.sleep(compute_backoff(1, base=1.0, cap=RETRY_CAP))
+                continue
+            if batch:
+                self._settle(batch, self.endpoint.handle_batch(
+                    [self._message(m) for m in batch]))
+
+    def _batch(self) -> list:
+        """Up to batch_size messages: the first waited for, the rest already here or soon."""
+        if not self.incoming and not self._consume(IDLE_POLL):
+            return []
+        deadline = time.monotonic() + self.batch_timeout
+        while len(self.incoming) < self.batch_size:
+            self._read_buffered()
+            left = deadline - time.monotonic()
+            if len(self.incoming) >= self.batch_size or left <= 0 or not self._consume(left):
+                break
+        batch = self.incoming[:self.batch_size]
+        del self.incoming[:self.batch_size]
+        return batch
+
+    def _consume(self, timeout: float) -> bool:
+        """One wait through oslo.messaging (reconnecting if it must); False on a timeout."""
+        try:
+            self.conn.consume(timeout=timeout)
+        except rpc_common.Timeout:
+            return False
+        return not self.endpoint.stopping.is_set()
+
+    def _read_buffered(self) -> None:
+        """Messages the broker has already sent, without waiting: each `consume` call
+        wraps a single message in oslo.messaging's reconnect machinery; this reads on
+        until the socket is empty. Any error is left to the next `consume`, which
+        reconnects."""
+        connection = self.conn.connection
+        with self.conn._connection_lock:
+            try:
+                while len(self.incoming) < self.batch_size:
+                    connection.drain_events(timeout=0)
+            except Exception:  # noqa: BLE001 - socket.timeout: nothing more; else see above
+                return
+
+    def _settle(self, batch: list, result) -> None:
+        """Acknowledge (HANDLED) or requeue each message of a batch, after its commit."""
+        requeue = result == oslo_messaging.NotificationResult.REQUEUE
+        with self.conn._connection_lock:
+            for message in batch:
+                try:
+                    message.requeue() if requeue else message.acknowledge()
+                except Exception as exc:  # noqa: BLE001 - the connection is gone: the
+                    # broker redelivers what was not acknowledged, and duplicates are harmless
+                    log.warning("cannot settle a notification; the broker will redeliver it",
+                                error=str(exc), requeue=requeue)
+                    return
+
+    @staticmethod
+    def _message(message) -> dict:
+        return {"event_type": message.get("event_type"), "payload": message.get("payload"),
+                "priority": message.get("priority"),
+                "metadata": {"message_id": message.get("message_id"),
+                             "timestamp": message.get("timestamp")}}

@@ -18,7 +18,7 @@ PENDING, IN_FLIGHT, DONE, RETRYING, FAILED, CANCELLED = (
     "pending", "in_flight", "done", "retrying", "failed", "cancelled")
 STATES = (PENDING, IN_FLIGHT, DONE, RETRYING, FAILED, CANCELLED)
 OPEN = frozenset({PENDING, RETRYING})            # waiting to be sent
-MIN_POLL = 0.2  # seconds: the soonest an import of ours is polled again
+MIN_POLL = 0.2  # seconds: a look again soon (Glance notified image.activate before its commit)
 LONG_IMPORT = 60.0  # seconds after which an import of ours is polled every Settings.long_poll
 GONE_STATUSES = frozenset({"deleted", "pending_delete", "killed"})
 CUT_OFF = "the import was cut off: its task died with its glance-api (no attempt used)"
@@ -72,7 +72,7 @@ class Settings:
     quota_retry_delay: float = 3600.0
     quota_recheck: float = 60.0    # how often a copy held for its owner's quota is re-checked
     unknown_store_tries: int = 3
-    poll_interval: float = 1.0
+    poll_interval: float = 2.0
     long_poll: float = 30.0      # an import older than LONG_IMPORT: polled this often at most
     #                              (its task's end comes as a notification)
     settle_grace: float = 10.0   # how long an import may show no lock before we judge it
@@ -345,16 +345,18 @@ def _describe_lock(image: Image, track: Tracking, now: float, s: Settings):
 
 
 def _poll_delay(track: Tracking, now: float, s: Settings) -> float:
-    """Poll a young import soon (most copies take well under a second), then back off to
-    poll_interval: the next poll comes after a quarter of the time the import has taken.
-    Past LONG_IMPORT, every long_poll: the task's notification says when it ends, polls are
-    the safety net (and keep the stale-lock check going)."""
+    """Wait as long again as the import has taken (at least poll_interval), up to long_poll.
+
+    The end of an import comes as a notification (task.success / task.failure), and the
+    look it brings is what notices most copies; polls are the safety net for a lost one,
+    so they double: a 10-minute import is polled 23 times at the defaults (2, 4, ... 32 s,
+    then every 30 s, which also keeps the stale-lock check going)."""
     if track.import_started_at is None:
         return s.poll_interval
     age = now - track.import_started_at
     if age >= LONG_IMPORT:
         return max(s.poll_interval, s.long_poll)
-    return min(s.poll_interval, max(MIN_POLL, age / 4))
+    return max(s.poll_interval, min(age, s.long_poll))
 
 
 def _earliest(a: float | None, b: float | None) -> float | None:

@@ -124,10 +124,13 @@ class Ops(ClaimOps, PruneOps, RequestOps):
         for task, how in tasks.items():
             # Glance sends task.success before it saves the task and drops the lock: the
             # copy is made (or failed) by then, so the look now may still see the lock, and
-            # the status says the import is over all the same (planner.plan_visit).
+            # the status says the import is over all the same (planner.plan_visit). A
+            # task.run after the task's end was heard (Glance 33 sends it last) adds nothing.
             self.x("UPDATE images SET look_at = CASE WHEN look_at IS NULL OR look_at > ? "
                    "THEN ? ELSE look_at END, lock_task_status = coalesce(?, lock_task_status) "
-                   "WHERE lock_task = ?", (now, now, how, task))
+                   "WHERE lock_task = ? AND (? IS NOT NULL OR "
+                   "coalesce(lock_task_status, '') NOT IN ('success', 'failure'))",
+                   (now, now, how, task, how))
         self.x("INSERT INTO daemon (id, last_event_at, events_total) VALUES (1, ?, ?) "
                "ON CONFLICT(id) DO UPDATE SET last_event_at = excluded.last_event_at, "
                "events_total = daemon.events_total + excluded.events_total", (now, count))
@@ -228,10 +231,13 @@ class Ops(ClaimOps, PruneOps, RequestOps):
             common.update(import_started_at=None, saw_lock=0, recovering=0)
         look_at = common.pop("look_at")
         sets = ", ".join(f"{k} = ?" for k in common)
+        # A look asked for since the GET went out is set to a time after it; the look that
+        # brought this visit was due before it (kept, it would bring the next one at once).
         self.x(f"UPDATE images SET look_at = CASE WHEN ? IS NOT NULL AND updated_at > ? "
-               f"AND look_at IS NOT NULL AND (? IS NULL OR look_at < ?) THEN look_at ELSE ? "
+               f"AND look_at > ? AND (? IS NULL OR look_at < ?) THEN look_at ELSE ? "
                f"END, {sets} WHERE id = ?",
-               (asked_at, asked_at, look_at, look_at, look_at, *common.values(), image_id))
+               (asked_at, asked_at, asked_at, look_at, look_at, look_at, *common.values(),
+                image_id))
         return visit, before
 
     def _said_active(self, image_id: str, now: float) -> bool:

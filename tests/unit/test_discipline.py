@@ -135,13 +135,15 @@ def test_an_operation_that_made_several_requests_pays_for_all_of_them():
 
 
 def test_the_polls_of_a_normal_import_are_never_held_back_at_the_default_settings():
-    # An import is polled after a quarter of its age, at least every 0.2 s and at most every
-    # poll_interval (1 s): the busiest schedule imagesync has for one image.
+    # An import is polled after poll_interval (1 s), then as long again as it has taken:
+    # the busiest schedule imagesync has for one image.
+    from imagesync.planner import Settings, Tracking, _poll_delay
+
     d = discipline(rate=20.0, share=0.1)
     started = now = T0
     d.spent(IMAGE, now, requests=2)   # the visit that planned it, and the POST
     for _ in range(300):
-        now += min(1.0, max(0.2, (now - started) / 4))
+        now += _poll_delay(Tracking(import_started_at=started), now, Settings())
         assert d.wait(IMAGE, now) == 0.0, f"poll at +{now - started:.1f} s held back"
         d.spent(IMAGE, now)
 

@@ -177,6 +177,20 @@ def test_a_notification_noted_while_a_visit_s_get_was_out_is_not_lost(ledger, pa
     assert image_row(path)["look_at"] is None
 
 
+def test_events_during_a_poll_s_get_do_not_bring_the_next_poll_at_once(ledger, path):
+    # Given our import of image 1 in flight, its poll due at T0 + 11 and sent then
+    plan(ledger, image(1), "fast", "slow")
+    claim(ledger, now=T0 + 10)
+    ledger.record_started(image_id(1), T0 + 11, T0 + 10)
+    # When the import's own image.update events are noted while that GET is out
+    ledger.note_events([event(1, T0 + 11.1)], T0 + 11.1)
+    ledger.record_visit(image_id(1), image(1, lock="t"), {"slow": RULE}, {}, T0 + 11.2,
+                        SETTINGS, T0 + 11)
+    # Then the next poll is the planner's (poll_interval after the start, 2 s), not the
+    # due look that brought this one (which would bring a poll after every event)
+    assert image_row(path)["look_at"] == T0 + 11.2 + SETTINGS.poll_interval
+
+
 def test_a_deleted_image_is_looked_at_only_when_a_copy_of_ours_is_open_or_failed(ledger, path):
     # Given image 1 with a copy pending, image 2 with every copy done, image 3 never seen
     plan(ledger, image(1), "fast", "slow")
@@ -207,9 +221,15 @@ def test_the_lock_named_by_a_notification_lets_the_task_s_end_finish_our_import(
                 locked.image_id)[0]
     assert row == {"look_at": T0 + 10.5, "lock_task": locked.task_id,
                    "lock_task_status": "success"}
-    # and a late task.run (stale "pending") changes nothing of that
+    # and a late task.run (stale "pending") changes nothing of that, nor brings a look of
+    # its own once the look for task.success is planned (Glance 33 sends it last)
+    still_locked = dataclasses.replace(image(1, lock=locked.task_id), id=locked.image_id)
+    ledger.record_visit(locked.image_id, still_locked, {"slow": RULE}, {}, T0 + 10.55,
+                        SETTINGS, T0 + 10.5)
+    look = image_row_of(path, locked.image_id)["look_at"]
     ledger.note_events([captured("0016-task.run.json")], T0 + 10.6)
     assert image_row_of(path, locked.image_id)["lock_task_status"] == "success"
+    assert image_row_of(path, locked.image_id)["look_at"] == look
 
 
 def image_row_of(path, image_id: str) -> dict:

@@ -117,7 +117,7 @@ def test_an_import_that_still_holds_the_lock_keeps_being_polled_even_when_the_st
                    track=importing(saw_lock=True))
     # Then nothing is decided yet: we look again after the poll interval
     assert result.changes == {}
-    assert result.look_at == NOW + 5.0 / 4  # a quarter of the 5 s the import has taken
+    assert result.look_at == NOW + 5.0  # as long again as the 5 s the import has taken
     assert not result.import_over
 
 
@@ -137,11 +137,12 @@ def test_our_import_whose_task_is_still_processing_keeps_being_polled():
     track = importing(saw_lock=True, lock_task=OUR_TASK, lock_task_status="processing",
                       lock_task_updated_at=NOW - 120)
     result = visit(img, [copy("fast", DONE), copy("slow", IN_FLIGHT, 1)], track=track)
-    assert not result.import_over and result.look_at == NOW + 5.0 / 4
+    assert not result.import_over and result.look_at == NOW + 5.0
 
 
-@pytest.mark.parametrize("taken, next_poll", [(0.1, 0.2), (1.0, 0.25), (4.0, 1.0), (60.0, 2.0)])
-def test_a_young_import_is_polled_soon_and_a_long_one_backs_off_to_the_poll_interval(
+@pytest.mark.parametrize("taken, next_poll", [(0.1, 2.0), (1.0, 2.0), (4.0, 4.0), (29.0, 29.0),
+                                              (50.0, 30.0), (60.0, 30.0)])
+def test_an_import_is_polled_after_as_long_again_as_it_has_taken_up_to_the_long_poll(
         taken, next_poll):
     img = image(stores=("fast",), lock=OUR_TASK)
     result = visit(img, [copy("fast", DONE), copy("slow", IN_FLIGHT, 1)],
@@ -155,7 +156,7 @@ def test_an_empty_first_poll_right_after_the_post_is_neither_success_nor_failure
                    track=importing(started=NOW - 5.0, saw_lock=False))
     # Then the copy stays in flight and is polled again
     assert result.changes == {}
-    assert result.look_at == NOW + 5.0 / 4  # a quarter of the 5 s the import has taken
+    assert result.look_at == NOW + 5.0  # as long again as the 5 s the import has taken
     assert not result.import_over
 
 
@@ -588,14 +589,18 @@ def test_a_gone_image_cancels_the_claimed_copies():
 
 
 def test_an_import_older_than_a_minute_is_polled_every_long_poll_not_every_second():
-    from imagesync.planner import LONG_IMPORT, MIN_POLL, _poll_delay
+    from imagesync.planner import LONG_IMPORT, _poll_delay
 
-    s = Settings(poll_interval=1.0, long_poll=30.0)
+    s = Settings()                                                  # the defaults: 2 s, 30 s
     started = Tracking(import_started_at=NOW)
-    assert _poll_delay(started, NOW + 0.4, s) == MIN_POLL          # young: soon
-    assert _poll_delay(started, NOW + 2.0, s) == 0.5               # a quarter of its age
-    assert _poll_delay(started, NOW + 30.0, s) == 1.0              # capped by poll_interval
+    assert _poll_delay(started, NOW + 0.4, s) == 2.0               # young: poll_interval
+    assert _poll_delay(started, NOW + 5.0, s) == 5.0               # as long again as its age
     assert _poll_delay(started, NOW + LONG_IMPORT, s) == 30.0      # long: quiet
+    # A 10-minute import is polled at most 25 times (the goal of the events issue)
+    age, polls = s.poll_interval, 1                                 # the first, at poll_interval
+    while (age := age + _poll_delay(started, NOW + age, s)) <= 600:
+        polls += 1
+    assert polls == 23
 
 
 def test_our_import_whose_task_ended_is_done_at_once_and_leaves_nothing_waiting_on_its_lock():
