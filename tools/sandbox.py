@@ -4,15 +4,19 @@
     python3 tools/sandbox.py install          # apt packages + Glance's and Keystone's virtualenvs
     python3 tools/sandbox.py up [--dir D]     # start everything on free ports
     python3 tools/sandbox.py up --unified-limits  # Glance enforces Keystone unified limits
+    python3 tools/sandbox.py up --glance-release 2024.1   # or 2025.1; default 33
     python3 tools/sandbox.py env|status|down [--dir D]
 
-The shape operators run: Keystone 30 (fernet tokens, uWSGI) and two Glance 33 API nodes
+The shape operators run: Keystone 30 (fernet tokens, uWSGI) and two Glance API nodes
 (uWSGI, keystonemiddleware, the stock API policy) behind one HAProxy that terminates TLS with
 a certificate from the sandbox's own CA; RabbitMQ with a vhost and a user per service (no
 guest); MariaDB holding Keystone's and Glance's databases. imagesync reaches Glance through
 Keystone's catalog, as in production. For several imagesync controllers, the coordination
 backends tooz drives: Redis (password), a Redis Sentinel watching it, and etcd
-(`coordination_url(backend)`).
+(`coordination_url(backend)`). Glance is 33 unless `--glance-release` (or
+$IMAGESYNC_GLANCE_RELEASE) picks 2025.1 (Glance 30) or 2024.1 (Glance 28): GLANCE_RELEASES
+says how each is installed (its own virtualenv, under the release's upper-constraints carried
+in tools/glance-releases/) and served.
 
 Standard library only (it runs before any virtualenv exists). Every service keeps
 its state and log under the sandbox directory, listens on 127.0.0.1 only, and is
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import hashlib
 import json
 import os
@@ -47,10 +52,8 @@ HERE = Path(__file__).resolve().parent
 APT_PACKAGES = ("rabbitmq-server", "mariadb-server", "libmariadb-dev", "haproxy", "openssl",
                 "redis-server", "redis-sentinel", "etcd-server",
                 "systemd", "dbus", "python3-venv", "util-linux", "passwd")
-GLANCE_PIP = ("glance>=33,<34", "uwsgi>=2.0.28", "mysqlclient>=2.2")
 KEYSTONE_PIP = ("keystone>=30,<31", "uwsgi>=2.0.28", "mysqlclient>=2.2")
 CACHE = Path(os.environ.get("IMAGESYNC_SANDBOX_CACHE", Path.home() / ".cache/imagesync-sandbox"))
-GLANCE_VENV = CACHE / "glance-venv"
 KEYSTONE_VENV = CACHE / "keystone-venv"
 DEFAULT_DIR = HERE.parent / ".sandbox"
 STORES = ("fast", "slow", "edge")
@@ -78,6 +81,50 @@ ETCD_BIN = Path("/usr/bin/etcd")
 # refuse every upload; sizes are in MiB.
 GLANCE_LIMITS = {"image_size_total": 100000, "image_stage_total": 100000,
                  "image_count_total": 10000, "image_count_uploading": 10000}
+
+
+@dataclasses.dataclass(frozen=True)
+class GlanceRelease:
+    """One Glance release the sandbox can run: what its virtualenv holds and how uWSGI loads it.
+    Everything that differs by release lives here."""
+
+    name: str
+    pip: tuple[str, ...]
+    venv: Path
+    # OpenStack's upper-constraints of the release (PIP_CONSTRAINT), carried in
+    # tools/glance-releases/; None: the newest of everything, as PyPI has it.
+    constraints: Path | None = None
+    # The uWSGI option that loads the API. Glance 28 has no glance.wsgi.api module: its
+    # pbr-made bin/glance-wsgi-api script is served as a file, as devstack does.
+    wsgi: str = "module = glance.wsgi.api:application"
+
+    @property
+    def uwsgi_app(self) -> str:
+        return self.wsgi.format(venv=self.venv)
+
+
+_RELEASES_DIR = HERE / "glance-releases"
+GLANCE_RELEASES = {
+    "33": GlanceRelease("33", ("glance>=33,<34", "uwsgi>=2.0.28", "mysqlclient>=2.2"),
+                        CACHE / "glance-venv"),
+    "2025.1": GlanceRelease("2025.1", ("glance==30.2.0", "uwsgi>=2.0.28", "mysqlclient>=2.2"),
+                            CACHE / "glance-venv-2025.1",
+                            _RELEASES_DIR / "upper-constraints-2025.1.txt"),
+    "2024.1": GlanceRelease("2024.1", ("glance==28.2.0", "uwsgi>=2.0.28", "mysqlclient>=2.2"),
+                            CACHE / "glance-venv-2024.1",
+                            _RELEASES_DIR / "upper-constraints-2024.1.txt",
+                            wsgi="wsgi-file = {venv}/bin/glance-wsgi-api"),
+}
+DEFAULT_GLANCE_RELEASE = "33"
+GLANCE_RELEASE_ENV = "IMAGESYNC_GLANCE_RELEASE"   # the release `up` starts unless told
+
+
+def pick_glance_release(name: str | None = None) -> GlanceRelease:
+    """The release called `name`; None: $IMAGESYNC_GLANCE_RELEASE, else the default."""
+    name = name or os.environ.get(GLANCE_RELEASE_ENV) or DEFAULT_GLANCE_RELEASE
+    if name not in GLANCE_RELEASES:
+        raise SandboxError(f"no Glance release {name!r}; known: {', '.join(GLANCE_RELEASES)}")
+    return GLANCE_RELEASES[name]
 
 
 class SandboxError(RuntimeError):
@@ -226,21 +273,32 @@ def stop_pid(pid: int | None, name: str, timeout: float = 20.0) -> None:
 # ---------------------------------------------------------------- install
 
 
-def _venv(path: Path, packages: tuple[str, ...]) -> None:
+def _venv(path: Path, packages: tuple[str, ...], constraints: Path | None = None) -> None:
+    """A virtualenv holding `packages` (under `constraints`, pip's PIP_CONSTRAINT); rebuilt
+    when either changes."""
     marker = path / ".imagesync-sandbox"
     wanted = "\n".join(packages)
+    env = dict(os.environ)
+    if constraints is not None:
+        digest = hashlib.sha256(constraints.read_bytes()).hexdigest()
+        wanted += f"\nconstraints {constraints.name} sha256:{digest}"
+        env["PIP_CONSTRAINT"] = str(constraints)
     if marker.exists() and marker.read_text() == wanted:
         return
     log(f"building a virtualenv in {path}")
+    t0 = time.monotonic()
     shutil.rmtree(path, ignore_errors=True)
     run([sys.executable, "-m", "venv", path])
     run([path / "bin/pip", "install", "-q", "--upgrade", "pip"], capture_output=True)
-    run([path / "bin/pip", "install", "-q", *packages], capture_output=True)
+    run([path / "bin/pip", "install", "-q", *packages], capture_output=True, env=env)
     marker.write_text(wanted)
+    log(f"built {path} in {time.monotonic() - t0:.0f}s")
 
 
-def install() -> None:
-    """Install what is missing; quick when everything is there."""
+def install(release: str | None = None) -> None:
+    """Install what is missing for Glance `release` (pick_glance_release) and Keystone; quick
+    when everything is there."""
+    glance = pick_glance_release(release)
     missing = [p for p in APT_PACKAGES
                if run(["dpkg-query", "-W", "-f=${Status}", p], check=False,
                       capture_output=True, text=True).stdout.strip() != "install ok installed"]
@@ -251,14 +309,15 @@ def install() -> None:
         run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], env=env)
     errors: list[BaseException] = []
 
-    def build(path: Path, packages: tuple[str, ...]) -> None:
+    def build(path: Path, packages: tuple[str, ...], constraints: Path | None = None) -> None:
         try:
-            _venv(path, packages)
+            _venv(path, packages, constraints)
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=build, args=a)
-               for a in ((GLANCE_VENV, GLANCE_PIP), (KEYSTONE_VENV, KEYSTONE_PIP))]
+               for a in ((glance.venv, glance.pip, glance.constraints),
+                         (KEYSTONE_VENV, KEYSTONE_PIP))]
     for t in threads:
         t.start()
     for t in threads:
@@ -294,6 +353,16 @@ class Sandbox:
         self._lock = threading.Lock()   # services start in threads; each saves the state
 
     # -- public
+
+    @property
+    def glance_release(self) -> str:
+        """The Glance release this sandbox runs ("33", "2025.1", "2024.1"): chosen by the first
+        `up`, kept by every restart."""
+        return self.state.get("glance_release") or DEFAULT_GLANCE_RELEASE
+
+    @property
+    def _glance(self) -> GlanceRelease:
+        return GLANCE_RELEASES[self.glance_release]
 
     @property
     def glance_url(self) -> str:
@@ -387,8 +456,10 @@ class Sandbox:
 
     def up(self, glance_options: dict[str, dict[str, str]] | None = None,
            token_expiration: int | None = None, lonely_store: str | None = None,
-           unified_limits: bool = False) -> Sandbox:
+           unified_limits: bool = False, glance_release: str | None = None) -> Sandbox:
         """Start everything. `glance_options` add to both nodes' glance-api.conf;
+        `glance_release` is the Glance to run (GLANCE_RELEASES; default
+        $IMAGESYNC_GLANCE_RELEASE, else 33): a sandbox keeps the release it was made with;
         `token_expiration` is Keystone's token lifetime in seconds (default 3600);
         `lonely_store` is enabled on glance1 only, as an edge site's store is;
         `unified_limits`: both Glance nodes enforce Keystone unified limits (registered
@@ -396,12 +467,14 @@ class Sandbox:
         restarted without it keeps what it was made with."""
         if any(self.running().values()):
             raise SandboxError(f"sandbox in {self.dir} is already running; run 'down' first")
-        install()
+        release = self._choose_release(glance_release)
+        install(release)
         for sub in ("log", "etc", "rabbit", "mariadb", "keystone", "tls", "haproxy", "redis",
                     *(f"glance/{n}/{d}" for n in NODES for d in ("staging", "tasks", "locks")),
                     *(f"glance/stores/{s}" for s in STORES)):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         # A restarted sandbox keeps its ports, passwords, keys and databases; only PIDs are new.
+        self.state["glance_release"] = release
         self.state["glance_options"] = glance_options or self.state.get("glance_options", {})
         self.state.setdefault("token_expiration", token_expiration or 3600)
         if token_expiration:
@@ -434,13 +507,26 @@ class Sandbox:
             self.down()
             raise
         self._write_clouds_yaml()
-        log(f"up in {time.monotonic() - t0:.1f}s: Glance {self.glance_url} (nodes "
+        log(f"up in {time.monotonic() - t0:.1f}s: Glance {self.glance_release} "
+            f"{self.glance_url} (nodes "
             f"{', '.join(self.node_url(n) for n in NODES)}), Keystone {self.keystone_url}, "
             f"RabbitMQ 127.0.0.1:{self.state['rabbit']['port']}/{VHOST}, Redis "
             f"127.0.0.1:{self.state['redis']['port']} (Sentinel :{self.state['sentinel']['port']}"
             f"), etcd {self.etcd_url}"
             + ("; Glance enforces Keystone unified limits" if self.unified_limits else ""))
         return self
+
+    def _choose_release(self, wanted: str | None) -> str:
+        """The release to start: `wanted` (else $IMAGESYNC_GLANCE_RELEASE), or the one this
+        sandbox's Glance database was made with. Glance cannot go back a schema, and going
+        forward is an upgrade the sandbox does not do: asking for another release fails."""
+        made = self.state.get("glance_release") or (
+            DEFAULT_GLANCE_RELEASE if self.state.get("keystone", {}).get("bootstrapped") else None)
+        wanted = wanted or os.environ.get(GLANCE_RELEASE_ENV)
+        if made and wanted and wanted != made:
+            raise SandboxError(f"sandbox in {self.dir} runs Glance {made}, not {wanted}; "
+                               "remove it or choose another directory")
+        return pick_glance_release(wanted or made).name
 
     def down(self) -> None:
         rabbit = self.state.get("rabbit")
@@ -864,7 +950,8 @@ class Sandbox:
                                 "root", "--keystone-group", "root"),
                 self._in_thread(self._keystone_manage, "credential_setup", "--keystone-user",
                                 "root", "--keystone-group", "root"),
-                self._in_thread(lambda: run([GLANCE_VENV / "bin/glance-manage", "--config-file",
+                self._in_thread(lambda: run([self._glance.venv / "bin/glance-manage",
+                                             "--config-file",
                                              self.dir / "etc" / NODES[0] / "glance-api.conf",
                                              "db_sync"], capture_output=True))]
         for job in jobs:
@@ -912,7 +999,7 @@ class Sandbox:
         request = {"auth_url": self.keystone_url, "cacert": str(self.cacert), "region": REGION,
                    "admin_password": k["passwords"]["admin"], "glance_url": self.glance_url,
                    "users": {u: [k["passwords"][u], p, r] for u, (p, r) in USERS.items()}}
-        done = run([GLANCE_VENV / "bin/python", HERE / "sandbox_seed.py"],
+        done = run([self._glance.venv / "bin/python", HERE / "sandbox_seed.py"],
                    input=json.dumps(request), capture_output=True, text=True, timeout=180)
         seeded = json.loads(done.stdout)
         k["projects"], k["app_credential"] = seeded["projects"], seeded["app_credential"]
@@ -1115,17 +1202,17 @@ class Sandbox:
             sections.setdefault(section, {}).update(opts)
         (etc / "glance-api.conf").write_text(_ini(sections))
         (etc / "glance-api.conf").chmod(0o600)
-        paste = (GLANCE_VENV / "etc/glance/glance-api-paste.ini").read_text()
+        paste = (self._glance.venv / "etc/glance/glance-api-paste.ini").read_text()
         (etc / "glance-api-paste.ini").write_text(paste.replace(
             "/etc/glance/healthcheck_disable", str(etc / "healthcheck_disable")))
 
     def _start_glance(self, node: str) -> None:
-        etc, port = self.dir / "etc" / node, self.state[node]["port"]
+        etc, port, glance = self.dir / "etc" / node, self.state[node]["port"], self._glance
         (etc / "uwsgi.ini").write_text(
             "[uwsgi]\n"
             f"http-socket = 127.0.0.1:{port}\n"
-            "module = glance.wsgi.api:application\n"
-            f"virtualenv = {GLANCE_VENV}\n"
+            f"{glance.uwsgi_app}\n"
+            f"virtualenv = {glance.venv}\n"
             f"env = OS_GLANCE_CONFIG_DIR={etc}\n"
             "master = true\nprocesses = 2\nthreads = 4\nlazy-apps = true\ndie-on-term = true\n"
             "http-raw-body = true\nhttp-chunked-input = true\nhttp-auto-chunked = true\n"
@@ -1135,7 +1222,7 @@ class Sandbox:
             "add-header = Connection: close\n"
         )
         logfile = self.node_log(node)
-        proc = subprocess.Popen([GLANCE_VENV / "bin/uwsgi", "--ini", etc / "uwsgi.ini"],
+        proc = subprocess.Popen([glance.venv / "bin/uwsgi", "--ini", etc / "uwsgi.ini"],
                                 start_new_session=True, stdin=subprocess.DEVNULL,
                                 stdout=open(logfile, "ab"), stderr=subprocess.STDOUT)
         self.state[node]["pid"] = proc.pid
@@ -1285,15 +1372,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unified-limits", action="store_true",
                         help="up: Glance enforces Keystone unified limits (registered limits "
                              "for its four resources; kept when the sandbox restarts)")
+    parser.add_argument("--glance-release", choices=list(GLANCE_RELEASES),
+                        help=f"install, up: the Glance release (default ${GLANCE_RELEASE_ENV}, "
+                             f"else {DEFAULT_GLANCE_RELEASE}; a restarted sandbox keeps its own)")
     args = parser.parse_args(argv)
     if args.command == "install":
-        install()
+        try:
+            install(args.glance_release)
+        except SandboxError as exc:
+            print(f"sandbox: {exc}", file=sys.stderr)
+            return 1
         return 0
     box = Sandbox(args.dir)
     try:
         if args.command == "up":
             box.up(token_expiration=args.token_expiration, lonely_store=args.lonely_store,
-                   unified_limits=args.unified_limits)
+                   unified_limits=args.unified_limits, glance_release=args.glance_release)
             print("".join(f"export {k}={v}\n" for k, v in box.env().items()), end="")
         elif args.command == "down":
             box.down()
@@ -1313,6 +1407,8 @@ def main(argv: list[str] | None = None) -> int:
             for name, alive in states.items():
                 at = where[name]() if name in box.state else ""
                 print(f"{name:9} {'running' if alive else 'stopped':8} {at}")
+            print(f"{'glance':9} {'release':8} {box.glance_release} "
+                  f"({GLANCE_RELEASES[box.glance_release].pip[0]})")
             if box.unified_limits:
                 print(f"{'limits':9} {'unified':8} Glance enforces Keystone unified limits "
                       "(use_keystone_limits, [oslo_limit])")
