@@ -20,7 +20,8 @@ import time
 
 from bench.common import QUICK, ROOT, RUNS
 
-ORDER = ["ingest", "reaction", "convergence", "imports_per_image", "reconcile", "status",
+ORDER = ["ingest", "reaction", "convergence", "long_copy", "imports_per_image", "reconcile",
+         "status",
          "idle", "ledger_size"]
 
 

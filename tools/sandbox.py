@@ -589,6 +589,19 @@ class Sandbox:
         elif behind and self.running().get("haproxy"):
             self._wait_haproxy(behind)
 
+    def set_store_rate(self, store: str, mib_per_s: float | None) -> None:
+        """Glance writes to `store` at `mib_per_s` MiB/s from now on (None: full speed), as
+        to a slow array (tools/sandbox_slow_store.py); both API nodes, no restart."""
+        path = self.dir / "etc" / "store-rates.json"
+        rates = json.loads(path.read_text()) if path.exists() else {}
+        if mib_per_s:
+            rates[store] = mib_per_s
+        else:
+            rates.pop(store, None)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rates))
+        tmp.replace(path)
+
     def node_log(self, node: str) -> Path:
         """uWSGI's request log of one Glance API node (one line per request)."""
         return self.dir / "log" / f"{node}-uwsgi.log"
@@ -1214,6 +1227,9 @@ class Sandbox:
             f"{glance.uwsgi_app}\n"
             f"virtualenv = {glance.venv}\n"
             f"env = OS_GLANCE_CONFIG_DIR={etc}\n"
+            # set_store_rate(): a store written at a set rate (inert until asked for)
+            f"pythonpath = {HERE}\nimport = sandbox_slow_store\n"
+            f"env = IMAGESYNC_SANDBOX_STORE_RATES={self.dir / 'etc' / 'store-rates.json'}\n"
             "master = true\nprocesses = 2\nthreads = 4\nlazy-apps = true\ndie-on-term = true\n"
             "http-raw-body = true\nhttp-chunked-input = true\nhttp-auto-chunked = true\n"
             "buffer-size = 65535\nneed-app = true\n"
