@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from bench.common import QUICK, ROOT, RUNS
+from bench.common import QUICK, ROOT, RUNS, get_sandbox
 
 ORDER = ["ingest", "reaction", "convergence", "long_copy", "imports_per_image", "reconcile",
          "status",
@@ -42,8 +42,8 @@ def main(argv: list[str]) -> int:
         "# imagesync benchmarks\n\n"
         f"Written by `tox -e bench` (`python -m bench.run`) on {datetime.date.today()} at "
         f"commit {commit}: {platform.python_implementation()} {platform.python_version()}, "
-        f"{os.cpu_count()} cores, real RabbitMQ, MariaDB, Keystone 30 and two Glance 33 API "
-        "nodes behind HAProxy with TLS, on loopback. "
+        f"{os.cpu_count()} cores, real RabbitMQ, MariaDB, Keystone 30 and two Glance "
+        f"{get_sandbox().glance_release} API nodes behind HAProxy with TLS, on loopback. "
         f"Every figure is min / median / max over {RUNS} runs, beside a baseline measured "
         "in the same run; ratios compare medians. Took "
         f"{(time.monotonic() - started) / 60:.1f} min.\n\n")

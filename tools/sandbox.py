@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import base64
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -276,6 +277,15 @@ def stop_pid(pid: int | None, name: str, timeout: float = 20.0) -> None:
 def _venv(path: Path, packages: tuple[str, ...], constraints: Path | None = None) -> None:
     """A virtualenv holding `packages` (under `constraints`, pip's PIP_CONSTRAINT); rebuilt
     when either changes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # One builder per virtualenv: tools/test builds the older releases' in the background
+    # while the tests start sandboxes (which install what they run).
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _build_venv(path, packages, constraints)
+
+
+def _build_venv(path: Path, packages: tuple[str, ...], constraints: Path | None) -> None:
     marker = path / ".imagesync-sandbox"
     wanted = "\n".join(packages)
     env = dict(os.environ)

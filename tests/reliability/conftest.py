@@ -40,7 +40,10 @@ def figures():
     """record(scenario, figure, value, command): a row of the RELIABILITY.md table."""
 
     def record(scenario: str, figure: str, value, command: str) -> None:
-        _FIGURES.append((scenario, figure, str(value), command))
+        release = sandbox_mod.pick_glance_release().name   # what this run's sandboxes run
+        if release != sandbox_mod.DEFAULT_GLANCE_RELEASE:
+            command = f"{sandbox_mod.GLANCE_RELEASE_ENV}={release} {command}"
+        _FIGURES.append((scenario, release, figure, str(value), command))
 
     return record
 
@@ -65,17 +68,25 @@ def private_sandbox(tmp_path_factory):
 
 
 def _rows(figures) -> list[str]:
-    return [f"| {s} | {f} | {v} | `{c}` |" for s, f, v, c in figures]
+    return [f"| {s} | {g} | {f} | {v} | `{c}` |" for s, g, f, v, c in figures]
 
 
 def _table(rows: list[str]) -> str:
-    return "\n".join(["| scenario | figure | value | reproduce with |", "|---|---|---|---|", *rows])
+    return "\n".join(["| scenario | Glance | figure | value | reproduce with |",
+                      "|---|---|---|---|---|", *rows])
+
+
+def _with_release(line: str) -> str:
+    """A row written before rows named their Glance release: those all ran on 33."""
+    scenario, rest = line[2:].split(" | ", 1)
+    return line if rest.count(" | ") >= 3 else \
+        f"| {scenario} | {sandbox_mod.DEFAULT_GLANCE_RELEASE} | {rest}"
 
 
 def _merged(old_text: str) -> list[str]:
     """RELIABILITY.md's rows with this run's in place of those of the tests it ran (a row's
     command names its test): a full run of one file updates that file's figures only."""
-    ran = {c for _s, _f, _v, c in _FIGURES}
+    ran = {c for *_, c in _FIGURES}
     new = _rows(_FIGURES)
     out: list[str] = []
     for line in old_text.splitlines():
@@ -87,7 +98,7 @@ def _merged(old_text: str) -> list[str]:
             out += new   # the first row of a test that ran: this run's rows go here
             new = []
             continue
-        out.append(line)
+        out.append(_with_release(line))
     return out + new
 
 
