@@ -142,6 +142,9 @@ class Listener:
             self.conn.declare_topic_consumer(exchange_name=n.exchange, topic=topic,
                                              callback=self.incoming.append,
                                              queue_name=n.pool or None)
+        # oslo.messaging subscribes (basic.consume) on its first consume(): do it now, so
+        # that the daemon says it is ready only once the broker counts it as a consumer.
+        self._consume(0.01)
         self.thread = threading.Thread(target=self._run, name="listener", daemon=True)
         self.thread.start()
 

@@ -176,9 +176,10 @@ def test_no_secret_reaches_the_daemons_log_the_cli_or_the_ledger(
     # Syncs as imagesync, authenticated by its application credential.
     admin.start()
     images = [upload_image(admin_conn, 4096, name=f"{prefix}-{i}") for i in range(2)]
-    for image in images:
-        wait_for(lambda i=image: "slow" in stores_of(admin_conn, i.id), timeout=60,
-                 message=f"{image.id} in slow")
+    for image in images:   # done in the ledger (what status shows), then seen in Glance
+        wait_for(lambda i=image: admin.copies(i.id).get("slow") == "done", timeout=60,
+                 message=f"{image.id} copied to slow")
+        assert "slow" in stores_of(admin_conn, image.id)
     admin.stop()
     # Failures as the member cloud: Keystone gives member-a a token (for its password), which
     # goes with every request and is refused on copy.
