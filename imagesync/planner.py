@@ -20,6 +20,10 @@ STATES = (PENDING, IN_FLIGHT, DONE, RETRYING, FAILED, CANCELLED)
 OPEN = frozenset({PENDING, RETRYING})            # waiting to be sent
 MIN_POLL = 0.2  # seconds: a look again soon (Glance notified image.activate before its commit)
 LONG_IMPORT = 60.0  # seconds after which an import of ours is polled every Settings.long_poll
+# A lock whose task has ended is dropped by Glance a moment later (ms on Glance 33; on 2025.1
+# a visit right after task.success can still see it): looked at every poll_interval for
+# this long after the task's end, then every lock_poll (glance-api died holding it).
+ENDED_GRACE = 60.0
 GONE_STATUSES = frozenset({"deleted", "pending_delete", "killed"})
 CUT_OFF = "the import was cut off: its task died with its glance-api (no attempt used)"
 BLOCKED = "blocked; tried again after the next store-list refresh"
@@ -291,10 +295,12 @@ def plan_visit(image: Image | None, copies: Mapping[str, Copy], desired, skipped
     if image.status != "active":
         waiting = f"image is {image.status}"
     elif image.import_task and not in_flight and (open_copies or not _ended(image, track)):
-        foreign = image.import_task
+        ended = _ended(image, track)
+        foreign = None if ended else image.import_task   # an ended task needs no reading
         waiting, lock_stale = _describe_lock(image, track, now, s)
         if open_copies and not lock_stale:
-            look_at = _earliest(look_at, now + s.lock_poll)
+            soon = ended and now - (track.lock_task_updated_at or 0) < ENDED_GRACE
+            look_at = _earliest(look_at, now + (s.poll_interval if soon else s.lock_poll))
     if waiting is None and open_copies:
         due = [c.next_attempt_at for c in open_copies if c.next_attempt_at is not None]
         if len(due) == len(open_copies) and all(t > now for t in due):

@@ -65,7 +65,9 @@ class Ops(ClaimOps, PruneOps, RequestOps):
                 # The lock is released without a notification, around these last events.
                 if ev.task_id and ev.event_type in ("task.success", "task.failure", "task.run"):
                     ended = ev.event_type.removeprefix("task.")
-                    tasks[ev.task_id] = tasks.get(ev.task_id) if ended == "run" else ended
+                    at = ev.timestamp.timestamp() if ev.timestamp else now
+                    tasks[ev.task_id] = tasks.get(ev.task_id, (None, None)) if ended == "run" \
+                        else (ended, at)
                 continue
             ts = ev.timestamp.timestamp() if ev.timestamp else now
             cur = per_image.setdefault(ev.image_id, {"ts": ts, "status": None, "look": False})
@@ -121,16 +123,17 @@ class Ops(ClaimOps, PruneOps, RequestOps):
                 self.x("UPDATE images SET deleted = 1, look_at = NULL WHERE id = ? AND NOT "
                        "EXISTS (SELECT 1 FROM copies WHERE image_id = ? AND state IN "
                        "('pending', 'retrying', 'in_flight', 'failed'))", (image_id, image_id))
-        for task, how in tasks.items():
+        for task, (how, at) in tasks.items():
             # Glance sends task.success before it saves the task and drops the lock: the
             # copy is made (or failed) by then, so the look now may still see the lock, and
             # the status says the import is over all the same (planner.plan_visit). A
             # task.run after the task's end was heard (Glance 33 sends it last) adds nothing.
             self.x("UPDATE images SET look_at = CASE WHEN look_at IS NULL OR look_at > ? "
-                   "THEN ? ELSE look_at END, lock_task_status = coalesce(?, lock_task_status) "
+                   "THEN ? ELSE look_at END, lock_task_status = coalesce(?, lock_task_status), "
+                   "lock_task_updated_at = coalesce(?, lock_task_updated_at) "
                    "WHERE lock_task = ? AND (? IS NOT NULL OR "
                    "coalesce(lock_task_status, '') NOT IN ('success', 'failure'))",
-                   (now, now, how, task, how))
+                   (now, now, how, at, task, how))
         self.x("INSERT INTO daemon (id, last_event_at, events_total) VALUES (1, ?, ?) "
                "ON CONFLICT(id) DO UPDATE SET last_event_at = excluded.last_event_at, "
                "events_total = daemon.events_total + excluded.events_total", (now, count))

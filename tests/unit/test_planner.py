@@ -132,6 +132,24 @@ def test_our_import_whose_task_finished_is_over_even_while_glance_keeps_its_lock
     assert result.changes["slow"].state == DONE
 
 
+@pytest.mark.parametrize("ended_ago, next_look", [(1.0, 2.0), (120.0, 60.0)])
+def test_a_retry_waits_for_a_lock_whose_task_ended_seconds_not_a_lock_poll(ended_ago, next_look):
+    # Given our import over (slow done, edge failed and retrying now), and Glance still
+    # showing the lock of our task, whose task.success came `ended_ago` s ago (Glance 2025.1
+    # drops the lock later after task.success than 33 does)
+    img = image(stores=("fast", "slow"), lock=OUR_TASK)
+    track = Tracking(lock_task=OUR_TASK, lock_task_status="success",
+                     lock_task_updated_at=NOW - ended_ago)
+    result = visit(img, [copy("fast", DONE), copy("slow", DONE), copy("edge", RETRYING, 1)],
+                   desired=want("fast", "slow", "edge"), track=track)
+    # Then the retry waits: the image is looked at again in poll_interval while the task's
+    # end is recent (a lock_poll only when Glance has kept it for long), and the lock is
+    # not a foreign one to read the tasks of
+    assert result.waiting.startswith(f"import lock held by task {OUR_TASK}")
+    assert result.look_at == NOW + next_look
+    assert result.foreign_lock is None
+
+
 def test_our_import_whose_task_is_still_processing_keeps_being_polled():
     img = image(stores=("fast",), lock=OUR_TASK)
     track = importing(saw_lock=True, lock_task=OUR_TASK, lock_task_status="processing",
