@@ -53,7 +53,24 @@ def get_sandbox() -> sandbox_mod.Sandbox:
         if not all(box.running().values()):
             box.down()
             box.up()
+        drop_orphan_queues(box)
     return box
+
+
+def drop_orphan_queues(box) -> None:
+    """Delete the queues earlier benchmarks' daemons and consumers left behind: each stays
+    bound to Glance's exchange and collects every later notification (2.5 million once, and
+    RabbitMQ's memory alarm then blocked the publishers). Called before each benchmark."""
+    import kombu
+
+    names = [q for q in box.queues() if q.startswith(("imagesync-test-", "imagesync-bench-"))]
+    if not names:
+        return
+    url = box.glance_transport_url.replace("rabbit://", "amqp://", 1)
+    with kombu.Connection(url) as conn:
+        channel = conn.channel()
+        for name in names:
+            channel.queue_delete(name)
 
 
 def scale(full: int, quick: int) -> int:
