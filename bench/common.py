@@ -101,9 +101,10 @@ class Section:
     def __init__(self, title: str, how: str):
         self.title, self.how, self.rows, self.notes = title, how, [], []
 
-    def row(self, figure: str, imagesync: str, baseline: str = "", ratio: str = "",
-            goal: str = "") -> None:
-        self.rows.append((figure, imagesync, baseline, ratio, goal))
+    def row(self, figure: str, imagesync: object, baseline: object = "", ratio: object = "",
+            goal: object = "") -> None:
+        """A row; a figure may be any value (a count is printed as it is)."""
+        self.rows.append(tuple(str(v) for v in (figure, imagesync, baseline, ratio, goal)))
         print(f"  {figure}: {imagesync}  | baseline {baseline} | ratio {ratio} | goal {goal}",
               flush=True)
 

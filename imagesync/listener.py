@@ -208,17 +208,23 @@ class Listener:
                 return
 
     def _settle(self, batch: list, result) -> None:
-        """Acknowledge (HANDLED) or requeue each message of a batch, after its commit."""
+        """Acknowledge a batch after its commit, or requeue each of its messages.
+
+        One basic.ack with `multiple` for the batch's last message acknowledges the whole
+        batch: the batch is the oldest of what this channel delivered, everything before it
+        is settled, and what came after it has higher delivery tags and stays unacked."""
         requeue = result == oslo_messaging.NotificationResult.REQUEUE
         with self.conn._connection_lock:
-            for message in batch:
-                try:
-                    message.requeue() if requeue else message.acknowledge()
-                except Exception as exc:  # noqa: BLE001 - the connection is gone: the
-                    # broker redelivers what was not acknowledged, and duplicates are harmless
-                    log.warning("cannot settle a notification; the broker will redeliver it",
-                                error=str(exc), requeue=requeue)
-                    return
+            try:
+                if requeue:
+                    for message in batch:
+                        message.requeue()
+                else:
+                    batch[-1]._raw_message.ack(multiple=True)
+            except Exception as exc:  # noqa: BLE001 - the connection is gone: the broker
+                # redelivers what was not acknowledged, and duplicates are harmless
+                log.warning("cannot settle notifications; the broker will redeliver them",
+                            error=str(exc), requeue=requeue, batch=len(batch))
 
     @staticmethod
     def _message(message) -> dict:

@@ -57,7 +57,7 @@ class Ops(ClaimOps, PruneOps, RequestOps):
     def note_events(self, events: Iterable[Event], now: float) -> int:
         """Record a batch of parsed notifications, coalesced per image; mark images to look at."""
         per_image: dict[str, dict] = {}
-        tasks: dict[str, str | None] = {}   # task id -> how it ended (success, failure)
+        tasks: dict[str, tuple[str | None, float | None]] = {}   # task id -> (how, when) it ended
         count = 0
         for ev in events:
             count += 1
@@ -123,7 +123,7 @@ class Ops(ClaimOps, PruneOps, RequestOps):
                 self.x("UPDATE images SET deleted = 1, look_at = NULL WHERE id = ? AND NOT "
                        "EXISTS (SELECT 1 FROM copies WHERE image_id = ? AND state IN "
                        "('pending', 'retrying', 'in_flight', 'failed'))", (image_id, image_id))
-        for task, (how, at) in tasks.items():
+        for task, (how, ended_at) in tasks.items():
             # Glance sends task.success before it saves the task and drops the lock: the
             # copy is made (or failed) by then, so the look now may still see the lock, and
             # the status says the import is over all the same (planner.plan_visit). A
@@ -133,7 +133,7 @@ class Ops(ClaimOps, PruneOps, RequestOps):
                    "lock_task_updated_at = coalesce(?, lock_task_updated_at) "
                    "WHERE lock_task = ? AND (? IS NOT NULL OR "
                    "coalesce(lock_task_status, '') NOT IN ('success', 'failure'))",
-                   (now, now, how, at, task, how))
+                   (now, now, how, ended_at, task, how))
         self.x("INSERT INTO daemon (id, last_event_at, events_total) VALUES (1, ?, ?) "
                "ON CONFLICT(id) DO UPDATE SET last_event_at = excluded.last_event_at, "
                "events_total = daemon.events_total + excluded.events_total", (now, count))
