@@ -197,15 +197,17 @@ class Listener:
     def _read_buffered(self) -> None:
         """Messages the broker has already sent, without waiting: each `consume` call
         wraps a single message in oslo.messaging's reconnect machinery; this reads on
-        until the socket is empty. Any error is left to the next `consume`, which
+        until the socket is empty. A connection error is left to the next `consume`, which
         reconnects."""
-        connection = self.conn.connection
-        with self.conn._connection_lock:
+        rabbit = self.conn.connection     # oslo's Connection, inside its ConnectionContext
+        with rabbit._connection_lock:
             try:
                 while len(self.incoming) < self.batch_size:
-                    connection.drain_events(timeout=0)
-            except Exception:  # noqa: BLE001 - socket.timeout: nothing more; else see above
+                    rabbit.connection.drain_events(timeout=0)   # kombu's
+            except TimeoutError:   # socket.timeout: nothing more has arrived
                 return
+            except Exception as exc:  # noqa: BLE001 - see above
+                log.debug("reading what the socket holds stopped", error=str(exc))
 
     def _settle(self, batch: list, result) -> None:
         """Acknowledge a batch after its commit, or requeue each of its messages.
