@@ -29,6 +29,8 @@ class Kind(str, enum.Enum):
     COPY_FAILED = "copy_failed"        # the import ran and the store did not get the image
     SKIPPED = "skipped"                # a useless target (non-raw to cinder/rbd, read-only)
     NOT_WANTED = "not_wanted"          # the policy no longer wants this store
+    LOST_COPY = "lost_copy"            # our import ended with the image gone from a store it
+    #                                    was in: copying it halted until an operator's retry
 
 
 class Action(str, enum.Enum):

@@ -67,6 +67,7 @@ class Tracking:
     lock_task: str | None = None
     lock_task_status: str | None = None
     lock_task_updated_at: float | None = None
+    import_stores: frozenset[str] | None = None   # the image's stores when our import was sent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,6 +212,25 @@ def _resolve_import(image: Image, copies: dict[str, Copy], track: Tracking, now:
     return out
 
 
+def _halt(image: Image, copies: Mapping[str, Copy], lost: frozenset[str],
+          targets: set[str], now: float) -> dict[str, Copy]:
+    """Our import ended with the image gone from stores it was in: the import destroyed
+    copies. Glance 2025.1 and older do this when a copy-image goes over user_storage_quota:
+    the store's write fails the quota check made after it, and Glance then deletes the
+    image's first location, which is not the copy it just wrote. Every copy not in Glance is
+    failed for good (a lost one too, which would otherwise be copied again at once): each
+    further copy could destroy the next. An operator's `imagesync retry` lifts it."""
+    reason = (f"Glance removed the image from {', '.join(sorted(lost))} during imagesync's "
+              f"copy to {', '.join(sorted(targets))}; imagesync stopped copying it (Glance "
+              f"2025.1 and older delete an image's first copy when a copy-image goes over "
+              f"user_storage_quota). Check the image, then `imagesync retry {image.id}`")
+    return {store: _set(copy, state=FAILED, next_attempt_at=None,
+                        error_kind=Kind.LOST_COPY.value, error_status=None,
+                        error_message=reason, finished_at=now)
+            for store, copy in copies.items()
+            if store not in image.stores and copy.state != CANCELLED}
+
+
 def plan_visit(image: Image | None, copies: Mapping[str, Copy], desired, skipped,
                track: Tracking, now: float, s: Settings) -> Visit:
     """Compare a fresh GET of the image with the ledger's copies; say what changes."""
@@ -251,6 +271,10 @@ def plan_visit(image: Image | None, copies: Mapping[str, Copy], desired, skipped
             changes.update(_resolve_import(image, copies, track, now, s, cut_off))
             import_over = True
             copies.update(changes)
+            lost = (track.import_stores or frozenset()) - image.stores
+            if lost:
+                changes.update(_halt(image, copies, lost, in_flight, now))
+                copies.update(changes)
             in_flight = set()
 
     # Another import is copying there right now (only while its lock is held: a crashed

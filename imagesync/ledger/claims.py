@@ -174,7 +174,7 @@ class ClaimOps:
         # A look is scheduled even before the POST's outcome is recorded: if that record
         # cannot be written (disk full), the image is still polled, never forgotten.
         self.x("UPDATE images SET import_started_at = ?, saw_lock = 0, recovering = 0, "
-               "look_at = ?, updated_at = ? WHERE id = ?",
+               "import_stores = stores, look_at = ?, updated_at = ? WHERE id = ?",
                (now, now + poll_interval, now, image_id))
 
     def release_claim(self, image_id: str, stores: list[str], now: float) -> None:

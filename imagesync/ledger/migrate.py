@@ -72,6 +72,15 @@ def m002_queued_at(db: sqlite_utils.Database) -> None:
     """)
 
 
+@migrations()
+def m003_import_stores(db: sqlite_utils.Database) -> None:
+    """images.import_stores: the image's stores when our import was sent. An import that
+    ends with the image gone from one of them destroyed a copy (Glance before 33 deletes an
+    image's first location when a copy-image goes over user_storage_quota): the planner
+    halts that image instead of copying again and again."""
+    db.execute("ALTER TABLE images ADD COLUMN import_stores TEXT")
+
+
 def _create_private(path: Path) -> None:
     """Create the ledger file 0600 before SQLite does (it copies the mode to -wal/-shm)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)

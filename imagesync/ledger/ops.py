@@ -38,6 +38,11 @@ _COPY_FIELDS = ("image_id", "store", "state", "attempts", "next_attempt_at", "ru
                 "error_kind", "error_status", "error_message", "started_at", "finished_at")
 
 
+def _stores(text: str | None) -> frozenset[str] | None:
+    """A stores column ("a,b"; NULL: not known) as a set."""
+    return None if text is None else frozenset(s for s in text.split(",") if s)
+
+
 def _copy_from_row(row: sqlite3.Row) -> Copy:
     values = {k: row[k] for k in _COPY_FIELDS}
     values["rules"] = tuple(r for r in (row["rules"] or "").split(",") if r)
@@ -169,7 +174,8 @@ class Ops(ClaimOps, PruneOps, RequestOps):
             return Tracking()
         return Tracking(r["import_started_at"], bool(r["saw_lock"]), bool(r["recovering"]),
                         r["upload_error"], r["upload_error_at"], bool(r["upload_error_quota"]),
-                        r["lock_task"], r["lock_task_status"], r["lock_task_updated_at"])
+                        r["lock_task"], r["lock_task_status"], r["lock_task_updated_at"],
+                        _stores(r["import_stores"]))
 
     def _write_copies(self, changes: dict[str, Copy], now: float, size: int | None = None):
         """Upsert the planner's copies. queued_at: now when a copy joins the queue; kept

@@ -21,7 +21,7 @@ RETRY_CAP = 15.0
 
 # The migrations this imagesync knows, in order (imagesync.ledger.migrate defines them;
 # a unit test checks the two lists agree).
-SCHEMA = ["m001_initial", "m002_queued_at"]
+SCHEMA = ["m001_initial", "m002_queued_at", "m003_import_stores"]
 
 
 class LedgerError(RuntimeError):

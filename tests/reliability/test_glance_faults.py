@@ -171,6 +171,15 @@ def describe(box, conn, d: Daemon, image_id: str) -> str:
             f"imports sent {import_requests(box, image_id)}")
 
 
+def wait_described(box, conn, d: Daemon, image_id: str, condition, message: str,
+                   timeout: float = 60):
+    """wait_for(condition); on timeout, the failure says what Glance and the ledger show."""
+    try:
+        return wait_for(condition, timeout=timeout, interval=0.1, message=message)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{describe(box, conn, d, image_id)}") from None
+
+
 def remove_partial_copies(box, ids: list[str]) -> int:
     """Delete store files that no location of their image points at: what a copy cut off by a
     stopped glance-api leaves behind. Glance never cleans them, and refuses every later copy
@@ -412,6 +421,12 @@ def test_a_lock_naming_a_missing_task_is_broken_by_the_next_copy(
 # the quota is the project's OTHER images; then every store of the import fails alike.
 
 
+# Releases whose copy-image checks the quota BEFORE writing (Glance 33 hands the staged size to
+# set_data). Older ones write the copy, find the quota exceeded, and then delete the image's
+# FIRST location (glance.quota.ImageProxy.set_data): an existing copy, not the one written.
+QUOTA_CHECKED_BEFORE_WRITE = {"33"}
+
+
 @pytest.fixture(scope="module")
 def quota_box(private_sandbox):
     """Glance with a legacy per-project storage quota of QUOTA bytes."""
@@ -435,6 +450,10 @@ def test_a_copy_over_the_storage_quota_waits_the_quota_delay_with_glances_reason
     d = daemon(quota_box, policy_for(prefix, WANTED),
                {"copy": {"quota_retry_delay": QUOTA_DELAY}}).start()
 
+    if quota_box.glance_release not in QUOTA_CHECKED_BEFORE_WRITE:
+        halted_after_glance_deleted_a_copy(quota_box, qconn, d, image, figures)
+        return
+
     # Then both copies wait with error kind quota and Glance's reason, and nothing is lost
     def over_quota():
         rows = {s: d.copy(image.id, s) for s in WANTED}
@@ -442,10 +461,7 @@ def test_a_copy_over_the_storage_quota_waits_the_quota_delay_with_glances_reason
             return rows
         return None
 
-    try:
-        rows = wait_for(over_quota, timeout=60, interval=0.1, message="both copies retrying")
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}\n{describe(quota_box, qconn, d, image.id)}") from None
+    rows = wait_described(quota_box, qconn, d, image.id, over_quota, "both copies retrying")
     failed_at = time.monotonic()
     gets_before = image_gets(quota_box, image.id)
     for store, row in rows.items():
@@ -484,3 +500,40 @@ def test_a_copy_over_the_storage_quota_waits_the_quota_delay_with_glances_reason
             f"{retried_after:.1f}", command("quota"))
     assert retried_after >= QUOTA_DELAY - 1
     assert import_requests(quota_box, image.id) == 2
+
+
+def halted_after_glance_deleted_a_copy(box, conn, d: Daemon, image, figures) -> None:
+    """Glance 2025.1 and older: the copy over quota deletes the copy the image already had
+    (fast). imagesync must not copy that image again: each copy would delete the next."""
+    # Then the import ends with the image out of fast, and every wanted copy Glance lacks is
+    # failed for good with a reason naming fast
+    def halted():
+        rows = {s: d.copy(image.id, s) for s in WANTED}
+        if any(r is None or r["state"] not in ("done", "failed") for r in rows.values()):
+            return None
+        return rows if import_settled(conn, image.id) else None
+
+    rows = wait_described(box, conn, d, image.id, halted, "the copies settled")
+    halted_at = time.monotonic()
+    stores = stores_of(conn, image.id)
+    assert "fast" not in stores, f"Glance kept fast ({stores}): it did not delete a copy"
+    figures("storage quota", "stores left to the image after one copy over quota "
+            "(it was in fast)", ", ".join(sorted(stores)) or "none", command("quota"))
+    for store, row in rows.items():
+        if store in stores:
+            assert row["state"] == "done", (store, dict(row))
+        else:
+            assert (row["state"], row["error_kind"]) == ("failed", "lost_copy"), (store, dict(row))
+            assert "removed the image from fast" in row["error_message"], dict(row)
+    assert any(row["state"] == "failed" for row in rows.values()), rows
+    status_text = cli_status(d, image.id)
+    assert status_text is not None and "lost_copy" in status_text, status_text
+
+    # And nothing is sent for it again, past the quota delay
+    window = QUOTA_DELAY + 5
+    time.sleep(window - (time.monotonic() - halted_at))  # the observation window
+    sent = import_requests(box, image.id)
+    figures("storage quota", f"imports for the image until {window:.0f} s after Glance "
+            f"deleted a copy (quota_retry_delay {QUOTA_DELAY:.0f} s)", sent, command("quota"))
+    assert sent == 1, f"{sent} imports (expected only the first one)"
+    assert stores_of(conn, image.id) == stores

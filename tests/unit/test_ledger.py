@@ -267,6 +267,20 @@ def test_claim_marks_copies_in_flight_and_counts_the_attempt_before_returning(le
     assert image_row(path)["look_at"] == T0 + 10 + 1.0
 
 
+def test_an_import_that_takes_the_image_out_of_a_store_it_was_in_halts_the_image(ledger, path):
+    # Given the image was in fast when our import to slow and edge was claimed
+    plan(ledger, image(1), "fast", "slow", "edge")
+    claim(ledger, now=T0 + 10)
+    # When the import ends with the image in edge only (fast deleted by Glance)
+    gone = dataclasses.replace(image(1), stores=frozenset({"edge"}))
+    plan(ledger, gone, "fast", "slow", "edge", now=T0 + 20)
+    # Then nothing is left to copy: fast and slow are failed, lost_copy, and nothing is claimed
+    rows = copies(path)
+    assert {s: (r["state"], r["error_kind"]) for s, r in rows.items()} == {
+        "fast": ("failed", "lost_copy"), "slow": ("failed", "lost_copy"), "edge": ("done", None)}
+    assert claim(ledger, now=T0 + 30) == []
+
+
 def test_claim_keeps_to_max_imports_counted_in_images(ledger):
     for n in (1, 2, 3):
         plan(ledger, image(n), "slow", "edge", now=T0 + n)
@@ -474,7 +488,11 @@ def test_a_reader_refuses_a_ledger_written_by_a_newer_imagesync(path):
     conn.close()
     with pytest.raises(LedgerError, match="m999_from_the_future"):
         open_readonly(path)
-    assert SCHEMA == ["m001_initial", "m002_queued_at"]
+
+def test_the_readers_list_of_migrations_is_the_writers():
+    from imagesync.ledger.migrate import migrations
+
+    assert SCHEMA == [m.name for m in migrations._migrations]
 
 
 # -- group commit ---------------------------------------------------------------------------

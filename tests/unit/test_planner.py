@@ -255,6 +255,42 @@ def test_a_quota_upload_error_from_before_the_import_started_is_not_blamed_on_it
     assert result.changes["slow"].next_attempt_at == NOW + 100.0
 
 
+def test_an_import_that_takes_the_image_out_of_a_store_halts_every_copy_not_in_glance():
+    # Given our import to slow and edge was sent while the image was in fast and west, and it
+    # ended with the image in edge only: Glance deleted the fast and west copies (2025.1 does
+    # this when a copy-image goes over user_storage_quota)
+    track = importing(saw_lock=True, import_stores=frozenset({"fast", "west"}))
+    result = visit(image(stores=("edge",), failed=("slow", "edge")),
+                   [copy("west", DONE), copy("slow", IN_FLIGHT, 1), copy("edge", IN_FLIGHT, 1),
+                    copy("east", RETRYING, 1, next_attempt_at=NOW + 50),
+                    copy("north", CANCELLED, error_kind=Kind.NOT_WANTED.value)],
+                   desired=want("west", "slow", "edge", "east"), track=track)
+    # Then edge, which arrived, is done; every other wanted copy is failed for good, with a
+    # reason naming the lost stores, not retried and not copied again
+    assert result.changes["edge"].state == DONE
+    for store in ("west", "slow", "east"):
+        halted = result.changes[store]
+        assert (halted.state, halted.error_kind, halted.next_attempt_at) == (
+            FAILED, Kind.LOST_COPY.value, None), store
+        assert "removed the image from fast, west during imagesync's copy to edge, slow" \
+            in halted.error_message
+        assert f"imagesync retry {IMAGE_ID}" in halted.error_message
+    assert "north" not in result.changes
+    assert result.import_over and result.look_at is None
+    # And a later visit leaves them failed (west is not copied again although it is missing)
+    later = visit(image(stores=("edge",)),
+                  [*result.changes.values(), copy("north", CANCELLED)],
+                  desired=want("west", "slow", "edge", "east"), now=NOW + 7200)
+    assert not later.changes and later.look_at is None
+
+
+def test_an_import_that_keeps_every_store_it_found_halts_nothing():
+    track = importing(saw_lock=True, import_stores=frozenset({"fast"}))
+    result = visit(image(stores=("fast",), failed=("slow",)),
+                   [copy("fast", DONE), copy("slow", IN_FLIGHT, 1)], track=track)
+    assert result.changes["slow"].error_kind == Kind.COPY_FAILED.value
+
+
 def test_after_a_restart_mid_import_a_copy_that_never_arrived_goes_back_to_pending_for_free():
     # Given the daemon stopped with slow in flight (attempt 2), and Glance shows no trace of it
     result = visit(image(stores=("fast",)), [copy("fast", DONE), copy("slow", IN_FLIGHT, 2)],
