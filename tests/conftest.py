@@ -145,7 +145,7 @@ def limits_sandbox(tmp_path_factory):
     own project limits)."""
     box = sandbox_mod.Sandbox(tmp_path_factory.mktemp("limits-sandbox"))
     try:
-        box.up(unified_limits=True)
+        box.up(unified_limits=True, ceph=False)
     except Exception as exc:  # the test must fail loudly, not skip
         pytest.fail(f"a sandbox with unified limits could not start: {exc}", pytrace=False)
     yield box
