@@ -589,6 +589,8 @@ class Sandbox:
                 self._seed_limits()
             for t in (*nodes, rabbit, *coordination, *([ceph_job] if ceph_job else [])):
                 t.result()
+            if self.unified_limits and self._name_image_endpoint():
+                self.restart("glance")    # the first start: now with endpoint_id
             self._wait_haproxy()
         except BaseException:
             if ceph_job:
@@ -1227,6 +1229,24 @@ class Sandbox:
         k["limits_seeded"] = True
         self._save()
 
+    def _name_image_endpoint(self) -> bool:
+        """Save the image service's internal endpoint id and write it into both nodes'
+        [oslo_limit] (see _write_glance_conf). True when it was not saved before: the nodes
+        must restart to read it."""
+        k = self.state["keystone"]
+        if k.get("image_endpoint_id"):
+            return False
+        found = self._keystone_api("GET", f"/endpoints?service_id={self._image_service_id()}"
+                                   f"&interface=internal&region_id={REGION}")["endpoints"]
+        if len(found) != 1:
+            raise SandboxError(f"Keystone has {len(found)} internal image endpoints in "
+                               f"{REGION}; expected one")
+        k["image_endpoint_id"] = found[0]["id"]
+        self._save()
+        for n in NODES:
+            self._write_glance_conf(n)
+        return True
+
     def _find_limit(self, kind: str, service: str, resource: str,
                     project_id: str | None = None) -> dict | None:
         query = f"/{kind}?service_id={service}&region_id={REGION}&resource_name={resource}"
@@ -1338,16 +1358,21 @@ class Sandbox:
         if self.unified_limits:
             sections["DEFAULT"]["use_keystone_limits"] = "true"
             # oslo.limit reads the limits as Glance's own service user with a system-scoped
-            # reader token (the role _seed_limits grants), and finds the image service's
-            # endpoint by type + region + interface: its id is not known when the nodes start.
+            # reader token (the role _seed_limits grants), for the image service's endpoint:
+            # by its id, as deployments configure it (_seed_limits saves it). The lookup by
+            # type + region + interface is broken in 2025.1's oslo.limit 2.6.1 (len() of a
+            # generator: every upload answered 400) and absent from 2024.1's; it serves only
+            # the first start of a sandbox on 33, before the id is known.
+            endpoint = k.get("image_endpoint_id")
             sections["oslo_limit"] = {
                 "auth_type": "password", "auth_url": self.keystone_url,
                 "cafile": str(self.cacert),
                 "username": "glance", "password": k["passwords"]["glance"],
                 "user_domain_name": "Default", "system_scope": "all",
                 "region_name": REGION, "valid_interfaces": "internal",
-                "endpoint_service_type": "image", "endpoint_region_name": REGION,
-                "endpoint_interface": "internal",
+                **({"endpoint_id": endpoint} if endpoint else {
+                    "endpoint_service_type": "image", "endpoint_region_name": REGION,
+                    "endpoint_interface": "internal"}),
             }
         for section, opts in self.state.get("glance_options", {}).items():
             sections.setdefault(section, {}).update(opts)
