@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(ROOT / "tests"))
 
+import helpers  # noqa: E402
 import sandbox as sandbox_mod  # noqa: E402
 
 
@@ -57,12 +58,7 @@ def listening_ports(box) -> list[int]:
 
 
 def _connect(box, cloud: str = sandbox_mod.CLOUD):
-    import openstack.config
-    import openstack.connection
-
-    region = openstack.config.OpenStackConfig(
-        config_files=[str(box.clouds_yaml)], load_envvars=False).get_one(cloud)
-    return openstack.connection.Connection(config=region)
+    return helpers.connect(box, cloud)
 
 
 @pytest.fixture(scope="session")

@@ -71,12 +71,15 @@ def import_settled(conn, image_id: str) -> bool:
 
 
 def connect(box, cloud: str = "sandbox"):
-    """openstacksdk as a sandbox's admin, from its clouds.yaml (as conftest.py's _connect)."""
+    """openstacksdk as a sandbox's admin, from its clouds.yaml. The tests' own client
+    re-sends a request whose kept-alive connection HAProxy closed as it went out (the sandbox
+    closes idle connections after 2 s without a word; imagesync survives that itself)."""
     import openstack.config
     import openstack.connection
 
     region = openstack.config.OpenStackConfig(
-        config_files=[str(box.clouds_yaml)], load_envvars=False).get_one(cloud)
+        config_files=[str(box.clouds_yaml)], load_envvars=False).get_one(
+            cloud, connect_retries=2)
     return openstack.connection.Connection(config=region)
 
 

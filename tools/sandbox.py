@@ -859,7 +859,9 @@ class Sandbox:
         done = run([RABBIT_BIN / "rabbitmqctl", "wait", "--timeout", "120", base / "rabbit.pid"],
                    env=env, check=False, capture_output=True, timeout=150)
         if done.returncode != 0 or proc.poll() is not None:
-            wait_for("RabbitMQ", lambda: False, 0, logfile, proc)
+            said = (done.stderr or done.stdout or "").strip().replace("\n", " ")[-400:]
+            wait_for(f"RabbitMQ (rabbitmqctl wait exited {done.returncode}: {said})",
+                     lambda: False, 0, logfile, proc)
         wait_for("RabbitMQ port", lambda: port_open(self.state["rabbit"]["port"]), 30, logfile,
                  proc)
 
