@@ -52,23 +52,23 @@ def upload_all(conn, prefix: str):
                              range(IMAGES)))
 
 
-def settled(conn, image_id: str) -> bool:
+def settled(conn, image_id: str, targets=TARGETS) -> bool:
     props = conn.image.get_image(image_id).properties
     return not props.get("os_glance_import_task") and \
-        set((props.get("stores") or "").split(",")) >= {"fast", *TARGETS}
+        set((props.get("stores") or "").split(",")) >= {"fast", *targets}
 
 
-def hand_script(conn, images, concurrency: int) -> float:
+def hand_script(conn, images, concurrency: int, targets=TARGETS) -> float:
     """What an operator would write: POST copy-image, poll every 0.1 s until done; with
     openstacksdk as imagesync's Keystone user, through HAProxy's TLS, as the daemon goes.
     The tag updates that start imagesync's clock are sent at the script's start too (the
     script ignores them): Glance serves the same user traffic in both runs."""
     def copy(image):
         resp = conn.image.post(f"/images/{image.id}/import", json={
-            "method": {"name": "copy-image"}, "stores": TARGETS,
+            "method": {"name": "copy-image"}, "stores": targets,
             "all_stores_must_succeed": False}, raise_exc=False)
         assert resp.status_code == 202, resp.status_code
-        while not settled(conn, image.id):
+        while not settled(conn, image.id, targets):
             time.sleep(0.1)
 
     t0 = time.perf_counter()
@@ -81,14 +81,14 @@ def hand_script(conn, images, concurrency: int) -> float:
     return seconds
 
 
-def imagesync_run(box, conn, workdir: Path, caps: dict) -> tuple[float, dict]:
+def imagesync_run(box, conn, workdir: Path, caps: dict, targets=TARGETS) -> tuple[float, dict]:
     prefix = f"conv{uuid.uuid4().hex[:6]}"
     d = Daemon(box, workdir / prefix, f"""
 version: 1
 rules:
   - name: convergence
     match: {{name: "{prefix}-*", tags: [go]}}
-    stores: {TARGETS}
+    stores: {targets}
 """, {"imagesync": {"log_level": "INFO"}, "copy": {**COPY_DEFAULTS, **caps},
       "reconcile": {"interval": 0}})
     images = upload_all(conn, prefix)  # before the daemon's queue exists: no events queued
@@ -99,14 +99,14 @@ rules:
     with ThreadPoolExecutor(8) as pool:  # the trigger, as quick as the script's first POSTs
         list(pool.map(lambda i: conn.image.add_tag(i, "go"), images))
     wait_for(lambda: d.query("SELECT count(*) AS n FROM copies WHERE state = 'done'")[0]["n"]
-             == IMAGES * len(TARGETS), timeout=300, interval=0.05,
+             == IMAGES * len(targets), timeout=300, interval=0.05,
              message="every copy done in the ledger")
     seconds = time.perf_counter() - t0
     d.stop()
     stopped = [e for e in d.logs() if e.get("event") == "imagesync stopped"][-1]
     sent = sum(1 for e in d.logs() if e.get("event") == "copy-image sent")
     tasks = sum(1 for e in d.logs() if e.get("event") == "image held by another import")
-    assert all(settled(conn, i.id) for i in images)
+    assert all(settled(conn, i.id, targets) for i in images)
     released = lock_released(box, started - 1)
     done = {}
     for e in d.logs():
@@ -127,33 +127,38 @@ def percentile(values, p: float) -> float:
 
 
 def run() -> Section:
+    return measure(TARGETS, "Convergence", "(Glance's cost of the trigger, about 2 CPU-seconds, "
+                   "falls on both). imagesync runs at its own defaults (`[copy] poll_interval` "
+                   "2 s) (`python bench/bench_convergence.py`).")
+
+
+def measure(targets: list[str], title: str, how: str) -> Section:
+    """imagesync at CAPS against the hand script's best, copying IMAGES images to `targets`."""
     box = get_sandbox()
     conn = connect(box)
     work = Path(tempfile.mkdtemp(prefix="bench-conv-"))
-    section = Section("Convergence", f"{IMAGES} images of {SIZE >> 20} MiB in `fast` copied to "
-                      f"{' and '.join(TARGETS)}: imagesync at its default caps and at 4/4 "
+    section = Section(title, f"{IMAGES} images of {SIZE >> 20} MiB in `fast` copied to "
+                      f"{' and '.join(targets)}: imagesync at its default caps and at 4/4 "
                       "(tagging the images so the policy wants them starts the clock) versus "
                       "a hand script posting copy-image and polling every 0.1 s at 1, 2, 4 and 8 "
                       "in flight, best kept; both as imagesync's Keystone user through "
-                      "HAProxy's TLS, and both runs see the same 40 tag updates at their start "
-                      "(Glance's cost of the trigger, about 2 CPU-seconds, falls on both). "
-                      "imagesync runs at its own defaults (`[copy] poll_interval` 2 s) "
-                      "(`python bench/bench_convergence.py`).")
+                      f"HAProxy's TLS, and both runs see the same {IMAGES} tag updates at their "
+                      f"start {how}")
     mine: dict[str, list[float]] = {name: [] for name in CAPS}
     counts: dict[str, list[dict]] = {name: [] for name in CAPS}
     best, per_level = [], {1: [], 2: [], 4: [], 8: []}
     for _ in range(RUNS):
         for level in per_level:
             images = upload_all(conn, f"hand{uuid.uuid4().hex[:6]}")
-            per_level[level].append(hand_script(conn, images, level))
+            per_level[level].append(hand_script(conn, images, level, targets))
             for image in images:
                 conn.image.delete_image(image, ignore_missing=True)
         best.append(min(per_level[level][-1] for level in per_level))
         for name, caps in CAPS.items():
-            seconds, c = imagesync_run(box, conn, work, caps)
+            seconds, c = imagesync_run(box, conn, work, caps, targets)
             mine[name].append(seconds)
             counts[name].append(c)
-    copies = IMAGES * len(TARGETS)
+    copies = IMAGES * len(targets)
     for name in CAPS:
         ratio = sorted(mine[name])[len(mine[name]) // 2] / sorted(best)[len(best) // 2]
         section.row(f"wall time, {copies} copies, {name} (s)", spread(mine[name]),

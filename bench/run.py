@@ -20,9 +20,8 @@ import time
 
 from bench.common import QUICK, ROOT, RUNS, get_sandbox
 
-ORDER = ["ingest", "reaction", "convergence", "long_copy", "imports_per_image", "reconcile",
-         "status",
-         "idle", "ledger_size"]
+ORDER = ["ingest", "reaction", "convergence", "convergence_ceph", "long_copy",
+         "imports_per_image", "reconcile", "status", "idle", "ledger_size"]
 
 
 def main(argv: list[str]) -> int:

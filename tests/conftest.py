@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(ROOT / "tests"))
 
+import helpers  # noqa: E402
 import sandbox as sandbox_mod  # noqa: E402
 
 
@@ -57,12 +58,7 @@ def listening_ports(box) -> list[int]:
 
 
 def _connect(box, cloud: str = sandbox_mod.CLOUD):
-    import openstack.config
-    import openstack.connection
-
-    region = openstack.config.OpenStackConfig(
-        config_files=[str(box.clouds_yaml)], load_envvars=False).get_one(cloud)
-    return openstack.connection.Connection(config=region)
+    return helpers.connect(box, cloud)
 
 
 @pytest.fixture(scope="session")
@@ -145,7 +141,7 @@ def limits_sandbox(tmp_path_factory):
     own project limits)."""
     box = sandbox_mod.Sandbox(tmp_path_factory.mktemp("limits-sandbox"))
     try:
-        box.up(unified_limits=True)
+        box.up(unified_limits=True, ceph=False)
     except Exception as exc:  # the test must fail loudly, not skip
         pytest.fail(f"a sandbox with unified limits could not start: {exc}", pytrace=False)
     yield box

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 import sys
 import time
 import uuid
@@ -31,12 +32,15 @@ def wait_for(condition: Callable[[], T], timeout: float = 30.0, interval: float 
 
 
 def upload_image(conn, size: int, store: str = "fast", name: str | None = None,
-                 visibility: str = "shared", **properties):
-    """Create an image as `conn`'s project and upload `size` bytes to `store`; return it active."""
+                 visibility: str = "shared", disk_format: str = "raw",
+                 data: bytes | None = None, **properties):
+    """Create an image as `conn`'s project and upload `size` bytes (or `data`) to `store`;
+    return it active."""
     image = conn.image.create_image(
-        name=name or f"test-{uuid.uuid4().hex[:8]}", disk_format="raw", container_format="bare",
-        visibility=visibility, **properties)
-    data = (uuid.uuid4().bytes * (size // 16 + 1))[:size]
+        name=name or f"test-{uuid.uuid4().hex[:8]}", disk_format=disk_format,
+        container_format="bare", visibility=visibility, **properties)
+    if data is None:
+        data = (uuid.uuid4().bytes * (size // 16 + 1))[:size]
     resp = conn.image.put(f"/images/{image.id}/file", data=data,
                           headers={"Content-Type": "application/octet-stream",
                                    "X-Image-Meta-Store": store})
@@ -44,6 +48,16 @@ def upload_image(conn, size: int, store: str = "fast", name: str | None = None,
     image = conn.image.get_image(image.id)
     assert image.status == "active", image.status
     return image
+
+
+def qcow2(virtual_size: int = 1 << 30, size: int = 1 << 20) -> bytes:
+    """A valid, empty qcow2 image (version 2 header, no backing file) of `size` bytes, which
+    Glance's format inspector accepts as qcow2."""
+    cluster = 1 << 16
+    l1_entries = -(-virtual_size // (cluster * (cluster // 8)))
+    header = struct.pack(">4sIQIIQIIQQIIQ", b"QFI\xfb", 2, 0, 0, 16, virtual_size, 0,
+                         l1_entries, 3 * cluster, cluster, 1, 0, 0)
+    return header + bytes(size - len(header))
 
 
 def stores_of(conn, image_id: str) -> set[str]:
@@ -57,12 +71,15 @@ def import_settled(conn, image_id: str) -> bool:
 
 
 def connect(box, cloud: str = "sandbox"):
-    """openstacksdk as a sandbox's admin, from its clouds.yaml (as conftest.py's _connect)."""
+    """openstacksdk as a sandbox's admin, from its clouds.yaml. The tests' own client
+    re-sends a request whose kept-alive connection HAProxy closed as it went out (the sandbox
+    closes idle connections after 2 s without a word; imagesync survives that itself)."""
     import openstack.config
     import openstack.connection
 
     region = openstack.config.OpenStackConfig(
-        config_files=[str(box.clouds_yaml)], load_envvars=False).get_one(cloud)
+        config_files=[str(box.clouds_yaml)], load_envvars=False).get_one(
+            cloud, connect_retries=2)
     return openstack.connection.Connection(config=region)
 
 

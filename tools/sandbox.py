@@ -5,6 +5,7 @@
     python3 tools/sandbox.py up [--dir D]     # start everything on free ports
     python3 tools/sandbox.py up --unified-limits  # Glance enforces Keystone unified limits
     python3 tools/sandbox.py up --glance-release 2024.1   # or 2025.1; default 33
+    python3 tools/sandbox.py up --no-ceph     # without Ceph and the `ceph` store: a faster run
     python3 tools/sandbox.py env|status|down [--dir D]
 
 The shape operators run: Keystone 30 (fernet tokens, uWSGI) and two Glance API nodes
@@ -16,7 +17,9 @@ backends tooz drives: Redis (password), a Redis Sentinel watching it, and etcd
 (`coordination_url(backend)`). Glance is 33 unless `--glance-release` (or
 $IMAGESYNC_GLANCE_RELEASE) picks 2025.1 (Glance 30) or 2024.1 (Glance 28): GLANCE_RELEASES
 says how each is installed (its own virtualenv, under the release's upper-constraints carried
-in tools/glance-releases/) and served.
+in tools/glance-releases/) and served. Glance's stores: fast, slow and edge (file stores) and
+`ceph`, an `rbd` store on a real one-node Ceph cluster (tools/sandbox_ceph.py), unless `up` is
+told to leave Ceph out (`--no-ceph`, `up(ceph=False)`, $IMAGESYNC_SANDBOX_CEPH=0).
 
 Standard library only (it runs before any virtualenv exists). Every service keeps
 its state and log under the sandbox directory, listens on 127.0.0.1 only, and is
@@ -45,6 +48,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+# tools/sandbox_ceph.py imports this module as `sandbox`: run as a script, it is that module
+# too (one SandboxError, one set of given ports).
+sys.modules.setdefault("sandbox", sys.modules[__name__])
+
 HERE = Path(__file__).resolve().parent
 # systemd, dbus, python3-venv, util-linux, passwd: the real systemd the unit tests boot in
 # namespaces (dbus for `systemd-analyze security`), and the unit's /opt/imagesync venv.
@@ -57,7 +64,10 @@ KEYSTONE_PIP = ("keystone>=30,<31", "uwsgi>=2.0.28", "mysqlclient>=2.2")
 CACHE = Path(os.environ.get("IMAGESYNC_SANDBOX_CACHE", Path.home() / ".cache/imagesync-sandbox"))
 KEYSTONE_VENV = CACHE / "keystone-venv"
 DEFAULT_DIR = HERE.parent / ".sandbox"
-STORES = ("fast", "slow", "edge")
+STORES = ("fast", "slow", "edge")   # the file stores
+CEPH_STORE = "ceph"                 # the rbd store, on the sandbox's Ceph (unless left out)
+CEPH_ENV = "IMAGESYNC_SANDBOX_CEPH"  # "0": `up` leaves Ceph out unless told
+CEPH_SERVICES = ("ceph-mon", "ceph-mgr", "ceph-osd")
 NODES = ("glance1", "glance2")      # two Glance API nodes behind HAProxy
 REGION = "RegionOne"
 CLOUD = "sandbox"                   # imagesync's own cloud: admin on project `imagesync`
@@ -305,11 +315,20 @@ def _build_venv(path: Path, packages: tuple[str, ...], constraints: Path | None)
     log(f"built {path} in {time.monotonic() - t0:.0f}s")
 
 
-def install(release: str | None = None) -> None:
-    """Install what is missing for Glance `release` (pick_glance_release) and Keystone; quick
-    when everything is there."""
+def _ceph():
+    """tools/sandbox_ceph.py, the sandbox's Ceph (imported when needed: it imports this)."""
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    import sandbox_ceph
+
+    return sandbox_ceph
+
+
+def install(release: str | None = None, ceph: bool = True) -> None:
+    """Install what is missing for Glance `release` (pick_glance_release) and Keystone (and
+    Ceph's packages unless `ceph` is false); quick when everything is there."""
     glance = pick_glance_release(release)
-    missing = [p for p in APT_PACKAGES
+    missing = [p for p in (*APT_PACKAGES, *(_ceph().APT_PACKAGES if ceph else ()))
                if run(["dpkg-query", "-W", "-f=${Status}", p], check=False,
                       capture_output=True, text=True).stdout.strip() != "install ok installed"]
     if missing:
@@ -445,7 +464,8 @@ class Sandbox:
                 st["mariadb"]["port"], st["keystone"]["port"], st["haproxy"]["glance_port"],
                 st["haproxy"]["keystone_port"], *(st[n]["port"] for n in NODES),
                 st["redis"]["port"], st["sentinel"]["port"], st["etcd"]["port"],
-                st["etcd"]["peer_port"]]
+                st["etcd"]["peer_port"],
+                *((st["ceph"]["mon_port"], st["ceph"]["mon_v1_port"]) if self.ceph else ())]
 
     def env(self) -> dict[str, str]:
         coordination = ({"IMAGESYNC_COORDINATION_URL": self.coordination_url("redis")}
@@ -462,11 +482,59 @@ class Sandbox:
         }
 
     def running(self) -> dict[str, bool]:
-        return {name: pid_alive(self.state.get(name, {}).get("pid")) for name in self.SERVICES}
+        """Service -> alive; with Ceph, its daemons too (CEPH_SERVICES)."""
+        alive = {name: pid_alive(self.state.get(name, {}).get("pid")) for name in self.SERVICES}
+        if self.ceph:
+            alive.update(_ceph().running(self.state.get("ceph", {})))
+        return alive
+
+    @property
+    def ceph(self) -> bool:
+        """Whether this sandbox runs Ceph and Glance's `ceph` store (chosen by `up`)."""
+        return bool(self.state.get("with_ceph"))
+
+    @property
+    def stores(self) -> tuple[str, ...]:
+        """Glance's stores: the file stores, and `ceph` when the sandbox runs Ceph."""
+        return (*STORES, CEPH_STORE) if self.ceph else STORES
+
+    @property
+    def ceph_state(self) -> dict:
+        """The Ceph cluster's state, for tools/sandbox_ceph.py's functions."""
+        if not self.ceph:
+            raise SandboxError(f"the sandbox in {self.dir} runs without Ceph")
+        return self.state["ceph"]
+
+    def rbd_read(self, image_id: str) -> bytes:
+        """The bytes Glance stored in RBD for image `image_id` (`rbd export` as the admin)."""
+        return _ceph().rbd_read(self.ceph_state, image_id)
+
+    def rbd_checksum(self, image_id: str, algorithm: str = "md5") -> str:
+        """The hex digest of what Glance stored in RBD for image `image_id`, streamed."""
+        return _ceph().rbd_checksum(self.ceph_state, image_id, algorithm)
+
+    def set_pool_quota(self, max_bytes: int | None = None,
+                       max_objects: int | None = None) -> None:
+        """A quota on the `images` pool (sandbox_ceph.set_pool_quota); 0 lifts one."""
+        _ceph().set_pool_quota(self.ceph_state, max_bytes, max_objects)
+
+    def clear_pool_quota(self) -> None:
+        _ceph().clear_pool_quota(self.ceph_state)
+
+    def _choose_ceph(self, wanted: bool | None) -> bool:
+        """`up(ceph=...)`, else $IMAGESYNC_SANDBOX_CEPH, else what the sandbox was started
+        with, else on."""
+        if wanted is not None:
+            return wanted
+        env = os.environ.get(CEPH_ENV, "").strip().lower()
+        if env:
+            return env not in ("0", "false", "no", "off")
+        return bool(self.state.get("with_ceph", True))
 
     def up(self, glance_options: dict[str, dict[str, str]] | None = None,
            token_expiration: int | None = None, lonely_store: str | None = None,
-           unified_limits: bool = False, glance_release: str | None = None) -> Sandbox:
+           unified_limits: bool = False, glance_release: str | None = None,
+           ceph: bool | None = None) -> Sandbox:
         """Start everything. `glance_options` add to both nodes' glance-api.conf;
         `glance_release` is the Glance to run (GLANCE_RELEASES; default
         $IMAGESYNC_GLANCE_RELEASE, else 33): a sandbox keeps the release it was made with;
@@ -474,11 +542,14 @@ class Sandbox:
         `lonely_store` is enabled on glance1 only, as an edge site's store is;
         `unified_limits`: both Glance nodes enforce Keystone unified limits (registered
         limits GLANCE_LIMITS for the image service; set_limit() changes them). A sandbox
-        restarted without it keeps what it was made with."""
+        restarted without it keeps what it was made with. `ceph`: run Ceph and Glance's
+        `ceph` store (default: $IMAGESYNC_SANDBOX_CEPH, else as the sandbox was last
+        started, else on); false leaves both out, for a faster run."""
         if any(self.running().values()):
             raise SandboxError(f"sandbox in {self.dir} is already running; run 'down' first")
         release = self._choose_release(glance_release)
-        install(release)
+        with_ceph = self._choose_ceph(ceph)
+        install(release, ceph=with_ceph)
         for sub in ("log", "etc", "rabbit", "mariadb", "keystone", "tls", "haproxy", "redis",
                     *(f"glance/{n}/{d}" for n in NODES for d in ("staging", "tasks", "locks")),
                     *(f"glance/stores/{s}" for s in STORES)):
@@ -491,9 +562,15 @@ class Sandbox:
             self.state["token_expiration"] = token_expiration
         self.state.setdefault("lonely_store", lonely_store)
         self.state["unified_limits"] = bool(unified_limits or self.state.get("unified_limits"))
+        self.state["with_ceph"] = with_ceph
+        if with_ceph:
+            self.state.setdefault("ceph", {})["dir"] = str(self.dir / "ceph")
         self._allocate()
         t0 = time.monotonic()
+        ceph_job = None
         try:
+            if with_ceph:   # the longest start: first
+                ceph_job = self._in_thread(self._start_ceph)
             rabbit = self._in_thread(self._start_rabbit)
             coordination = [self._in_thread(self._start_redis_and_sentinel),
                             self._in_thread(self._start_etcd)]
@@ -510,12 +587,14 @@ class Sandbox:
             self._seed()
             if self.unified_limits:
                 self._seed_limits()
-            for t in (*nodes, rabbit, *coordination):
+            for t in (*nodes, rabbit, *coordination, *([ceph_job] if ceph_job else [])):
                 t.result()
             if self.unified_limits and self._name_image_endpoint():
                 self.restart("glance")    # the first start: now with endpoint_id
             self._wait_haproxy()
         except BaseException:
+            if ceph_job:
+                ceph_job.join()   # bounded (sandbox_ceph.START_TIMEOUT): its PIDs are saved
             self.down()
             raise
         self._write_clouds_yaml()
@@ -525,6 +604,8 @@ class Sandbox:
             f"RabbitMQ 127.0.0.1:{self.state['rabbit']['port']}/{VHOST}, Redis "
             f"127.0.0.1:{self.state['redis']['port']} (Sentinel :{self.state['sentinel']['port']}"
             f"), etcd {self.etcd_url}"
+            + (f", Ceph mon 127.0.0.1:{self.state['ceph']['mon_port']} (store {CEPH_STORE})"
+               if self.ceph else "")
             + ("; Glance enforces Keystone unified limits" if self.unified_limits else ""))
         return self
 
@@ -545,9 +626,15 @@ class Sandbox:
         if rabbit and pid_alive(rabbit.get("pid")):
             run([RABBIT_BIN / "rabbitmqctl", "stop"], env=self._rabbit_env(), check=False,
                 capture_output=True, timeout=60)
-        for name in (*NODES, "haproxy", "keystone", "mariadb", "rabbit", "sentinel", "redis",
-                     "etcd"):
+        for name in NODES:
             stop_pid(self.state.get(name, {}).get("pid"), name)
+        # Ceph after Glance (no client left), beside the rest: its daemons take seconds.
+        ceph = self.state.get("ceph")
+        ceph_job = self._in_thread(_ceph().stop, ceph) if ceph and ceph.get("pids") else None
+        for name in ("haproxy", "keystone", "mariadb", "rabbit", "sentinel", "redis", "etcd"):
+            stop_pid(self.state.get(name, {}).get("pid"), name)
+        if ceph_job:
+            ceph_job.result()
         if rabbit and rabbit.get("epmd_port"):
             run(["epmd", "-port", rabbit["epmd_port"], "-kill"], check=False, capture_output=True,
                 env=dict(os.environ, ERL_EPMD_ADDRESS="127.0.0.1"))
@@ -561,16 +648,24 @@ class Sandbox:
         self.start_service(name)
 
     def _names(self, name: str) -> tuple[str, ...]:
-        """"glance" is every Glance API node (a Glance outage); a node name is one node."""
+        """"glance" is every Glance API node (a Glance outage); a node name is one node.
+        "ceph" is the whole Ceph cluster; "ceph-osd" (-mon, -mgr) one of its daemons."""
         names = NODES if name == "glance" else (name,)
-        unknown = [n for n in names if n not in self.SERVICES]
+        known = (*self.SERVICES, *((CEPH_STORE, *CEPH_SERVICES) if self.ceph else ()))
+        unknown = [n for n in names if n not in known]
         if unknown:
-            raise SandboxError(f"no service {unknown[0]!r}; known: glance, "
-                               f"{', '.join(self.SERVICES)}")
+            raise SandboxError(f"no service {unknown[0]!r}; known: glance, {', '.join(known)}")
         return names
 
     def stop_service(self, name: str) -> None:
         for n in self._names(name):
+            if n == CEPH_STORE:
+                _ceph().stop(self.ceph_state)
+                self._save()
+                continue
+            if n in CEPH_SERVICES:
+                _ceph().stop_daemon(self.ceph_state, n.removeprefix("ceph-"), self._save)
+                continue
             if n == "rabbit":
                 run([RABBIT_BIN / "rabbitmqctl", "stop"], env=self._rabbit_env(), check=False,
                     capture_output=True, timeout=60)
@@ -595,6 +690,11 @@ class Sandbox:
             port = self.state["sentinel"]["port"]
             wait_for("Redis Sentinel counting Redis up", lambda: self._sentinel_ready(port), 30,
                      self.dir / "log" / "sentinel.log")
+        if CEPH_STORE in names:
+            _ceph().start(self.ceph_state["dir"], self.ceph_state, self._save)
+        for n in names:
+            if n in CEPH_SERVICES:
+                _ceph().start_daemon(self.ceph_state, n.removeprefix("ceph-"), self._save)
         behind = tuple(n for n in names if n in ("keystone", *NODES))
         if "haproxy" in names:
             self._wait_haproxy()
@@ -661,6 +761,23 @@ class Sandbox:
         st.setdefault("sentinel", {"port": free_port()})
         st.setdefault("etcd", {"port": free_port(), "peer_port": free_port()})
         self._save()
+
+    # -- Ceph
+
+    def _start_ceph(self) -> None:
+        """The Ceph cluster (tools/sandbox_ceph.py), after checking that Glance's virtualenv
+        imports Debian's rados and rbd from the folder its uWSGI puts on sys.path. The
+        cluster's state is the thread's own until saved (other threads save the sandbox's)."""
+        cluster = json.loads(json.dumps(self.state["ceph"]))
+        _ceph().link_bindings(cluster, self._glance.venv / "bin/python")
+
+        def save() -> None:
+            with self._lock:
+                self.state["ceph"] = json.loads(json.dumps(cluster))
+            self._save()
+
+        _ceph().start(cluster["dir"], cluster, save)
+        save()
 
     # -- TLS
 
@@ -742,7 +859,9 @@ class Sandbox:
         done = run([RABBIT_BIN / "rabbitmqctl", "wait", "--timeout", "120", base / "rabbit.pid"],
                    env=env, check=False, capture_output=True, timeout=150)
         if done.returncode != 0 or proc.poll() is not None:
-            wait_for("RabbitMQ", lambda: False, 0, logfile, proc)
+            said = (done.stderr or done.stdout or "").strip().replace("\n", " ")[-400:]
+            wait_for(f"RabbitMQ (rabbitmqctl wait exited {done.returncode}: {said})",
+                     lambda: False, 0, logfile, proc)
         wait_for("RabbitMQ port", lambda: port_open(self.state["rabbit"]["port"]), 30, logfile,
                  proc)
 
@@ -1193,10 +1312,12 @@ class Sandbox:
         d, etc = self.dir / "glance", self.dir / "etc" / node
         etc.mkdir(parents=True, exist_ok=True)
         stores = [s for s in STORES if node == NODES[0] or s != self.state.get("lonely_store")]
+        ceph = [CEPH_STORE] if self.ceph else []
         k = self.state["keystone"]
         sections: dict[str, dict[str, str]] = {
             "DEFAULT": {
-                "enabled_backends": ", ".join(f"{s}:file" for s in stores),
+                "enabled_backends": ", ".join([*(f"{s}:file" for s in stores),
+                                               *(f"{s}:rbd" for s in ceph)]),
                 "enabled_import_methods": "[glance-direct, web-download, copy-image]",
                 "worker_self_reference_url": self.node_url(node),
                 "transport_url": f"rabbit://glance:{r['passwords']['glance']}@127.0.0.1:"
@@ -1227,6 +1348,15 @@ class Sandbox:
         for s in stores:
             sections[s] = {"filesystem_store_datadir": str(d / "stores" / s),
                            "store_description": f"{s} file store"}
+        for s in ceph:
+            # As a real Glance node has it: its own cephx user and a ceph.conf naming the
+            # monitor and that user's keyring. rados_connect_timeout stays unset (librados
+            # waits for a cluster that does not answer), as in a default deployment.
+            cluster = _ceph()
+            sections[s] = {"rbd_store_pool": cluster.POOL, "rbd_store_user": cluster.GLANCE_USER,
+                           "rbd_store_ceph_conf": str(cluster.glance_conf(self.state["ceph"])),
+                           "rbd_store_chunk_size": "8",
+                           "store_description": f"{s} rbd store"}
         if self.unified_limits:
             sections["DEFAULT"]["use_keystone_limits"] = "true"
             # oslo.limit reads the limits as Glance's own service user with a system-scoped
@@ -1256,6 +1386,7 @@ class Sandbox:
 
     def _start_glance(self, node: str) -> None:
         etc, port, glance = self.dir / "etc" / node, self.state[node]["port"], self._glance
+        ceph_lib = f"pythonpath = {_ceph().pylib(self.state['ceph'])}\n" if self.ceph else ""
         (etc / "uwsgi.ini").write_text(
             "[uwsgi]\n"
             f"http-socket = 127.0.0.1:{port}\n"
@@ -1264,6 +1395,8 @@ class Sandbox:
             f"env = OS_GLANCE_CONFIG_DIR={etc}\n"
             # set_store_rate(): a store written at a set rate (inert until asked for)
             f"pythonpath = {HERE}\nimport = sandbox_slow_store\n"
+            # Debian's rados and rbd modules (the rbd store's), linked by sandbox_ceph
+            f"{ceph_lib}"
             f"env = IMAGESYNC_SANDBOX_STORE_RATES={self.dir / 'etc' / 'store-rates.json'}\n"
             "master = true\nprocesses = 2\nthreads = 4\nlazy-apps = true\ndie-on-term = true\n"
             "http-raw-body = true\nhttp-chunked-input = true\nhttp-auto-chunked = true\n"
@@ -1423,13 +1556,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unified-limits", action="store_true",
                         help="up: Glance enforces Keystone unified limits (registered limits "
                              "for its four resources; kept when the sandbox restarts)")
+    parser.add_argument("--no-ceph", dest="ceph", action="store_false", default=None,
+                        help=f"install, up: leave Ceph and Glance's `{CEPH_STORE}` store out "
+                             f"(default: ${CEPH_ENV}, else as the sandbox last ran, else in)")
     parser.add_argument("--glance-release", choices=list(GLANCE_RELEASES),
                         help=f"install, up: the Glance release (default ${GLANCE_RELEASE_ENV}, "
                              f"else {DEFAULT_GLANCE_RELEASE}; a restarted sandbox keeps its own)")
     args = parser.parse_args(argv)
     if args.command == "install":
         try:
-            install(args.glance_release)
+            install(args.glance_release, ceph=Sandbox(args.dir)._choose_ceph(args.ceph))
         except SandboxError as exc:
             print(f"sandbox: {exc}", file=sys.stderr)
             return 1
@@ -1438,7 +1574,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "up":
             box.up(token_expiration=args.token_expiration, lonely_store=args.lonely_store,
-                   unified_limits=args.unified_limits, glance_release=args.glance_release)
+                   unified_limits=args.unified_limits, glance_release=args.glance_release,
+                   ceph=args.ceph)
             print("".join(f"export {k}={v}\n" for k, v in box.env().items()), end="")
         elif args.command == "down":
             box.down()
@@ -1454,9 +1591,12 @@ def main(argv: list[str] | None = None) -> int:
                      "sentinel": lambda: f"127.0.0.1:{box.state['sentinel']['port']} "
                                          f"(master {SENTINEL_MASTER})",
                      "etcd": lambda: box.etcd_url,
+                     "ceph-mon": lambda: f"127.0.0.1:{box.state['ceph']['mon_port']}",
+                     "ceph-mgr": lambda: "",
+                     "ceph-osd": lambda: f"pool {_ceph().POOL} (Glance store {CEPH_STORE})",
                      **{n: (lambda n=n: box.node_url(n)) for n in NODES}}
             for name, alive in states.items():
-                at = where[name]() if name in box.state else ""
+                at = where[name]() if name.split("-")[0] in box.state else ""
                 print(f"{name:9} {'running' if alive else 'stopped':8} {at}")
             print(f"{'glance':9} {'release':8} {box.glance_release} "
                   f"({GLANCE_RELEASES[box.glance_release].pip[0]})")

@@ -1,9 +1,9 @@
-"""A slow array, modelled: the sandbox's Glance writes to named file stores at a set rate.
+"""A slow array, modelled: the sandbox's Glance writes to named stores at a set rate.
 
 Every Glance uWSGI worker of the sandbox imports this module (uWSGI `import`). It is inert
 until `Sandbox.set_store_rate("slow", 1.0)` writes the rates file that
 IMAGESYNC_SANDBOX_STORE_RATES names ({"slow": MiB/s}); from then on glance_store's
-filesystem driver is handed the data of such a store no faster than its rate, so a
+filesystem and rbd drivers are handed the data of such a store no faster than its rate, so a
 copy-image to it takes as long as it would on a slow array, with Glance's import lock held
 all along. Uploads and copies to other stores are untouched; the file is read at each
 write, so rates change without a restart. Runs inside Glance's virtualenv: stdlib and
@@ -16,7 +16,7 @@ import json
 import os
 import time
 
-from glance_store._drivers import filesystem
+from glance_store._drivers import filesystem, rbd
 
 RATES_FILE = os.environ.get("IMAGESYNC_SANDBOX_STORE_RATES", "")
 
@@ -49,13 +49,14 @@ class _Throttled:
         return getattr(self.data, name)
 
 
-_add = filesystem.Store.add
+def _throttle(add):
+    def slow_add(self, image_id, image_file, *args, **kwargs):
+        rate = _rate(getattr(self, "backend_group", None))
+        return add(self, image_id, _Throttled(image_file, rate) if rate else image_file,
+                   *args, **kwargs)
+
+    return slow_add
 
 
-def _slow_add(self, image_id, image_file, *args, **kwargs):
-    rate = _rate(getattr(self, "backend_group", None))
-    return _add(self, image_id, _Throttled(image_file, rate) if rate else image_file,
-                *args, **kwargs)
-
-
-filesystem.Store.add = _slow_add
+filesystem.Store.add = _throttle(filesystem.Store.add)
+rbd.Store.add = _throttle(rbd.Store.add)

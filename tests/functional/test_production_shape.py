@@ -98,7 +98,7 @@ def strict_box(tmp_path_factory):
     (keystonemiddleware's cache off): a revoked token is refused at once, on every node."""
     box = sandbox_mod.Sandbox(tmp_path_factory.mktemp("strict-sandbox"))
     try:
-        box.up(glance_options={"keystone_authtoken": {"token_cache_time": "-1"}})
+        box.up(glance_options={"keystone_authtoken": {"token_cache_time": "-1"}}, ceph=False)
     except Exception as exc:
         pytest.fail(f"the sandbox could not start: {exc}", pytrace=False)
     yield box
@@ -149,7 +149,7 @@ def test_the_daemon_keeps_working_across_token_expiries(tmp_path_factory, prefix
     left, so the daemon takes a new one every ~10 s of work, and Glance keeps answering."""
     box = sandbox_mod.Sandbox(tmp_path_factory.mktemp("short-tokens"))
     try:
-        box.up(token_expiration=130)
+        box.up(token_expiration=130, ceph=False)
     except Exception as exc:
         pytest.fail(f"the sandbox could not start: {exc}", pytrace=False)
     images = Images()   # not deleted: the whole sandbox goes at the end
@@ -356,7 +356,7 @@ def test_a_store_enabled_on_one_api_node_only_is_reached_through_the_other_node(
     is made at its first try."""
     box = sandbox_mod.Sandbox(tmp_path_factory.mktemp("lonely-edge"))
     try:
-        box.up(lonely_store="edge")
+        box.up(lonely_store="edge", ceph=False)
     except Exception as exc:
         pytest.fail(f"the sandbox could not start: {exc}", pytrace=False)
     try:

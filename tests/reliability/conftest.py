@@ -50,14 +50,15 @@ def figures():
 
 @pytest.fixture(scope="module")
 def private_sandbox(tmp_path_factory):
-    """Start a sandbox of this module's own: private_sandbox(glance_options) -> Sandbox."""
+    """Start a sandbox of this module's own: private_sandbox(glance_options) -> Sandbox.
+    Without Ceph: these stories break Glance on its file stores (Ceph costs ~20 s a start)."""
     boxes = []
 
     def start(glance_options: dict | None = None):
         box = sandbox_mod.Sandbox(tmp_path_factory.mktemp("private-sandbox"))
         boxes.append(box)
         try:
-            box.up(glance_options=glance_options)
+            box.up(glance_options=glance_options, ceph=False)
         except Exception as exc:
             pytest.fail(f"a private sandbox could not start: {exc}", pytrace=False)
         return box
