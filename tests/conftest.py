@@ -61,6 +61,15 @@ def _connect(box, cloud: str = sandbox_mod.CLOUD):
     return helpers.connect(box, cloud)
 
 
+@pytest.fixture
+def ceph(sandbox) -> dict:
+    """The session sandbox's Ceph cluster (its state, for tools/sandbox_ceph.py): a sandbox
+    started without Ceph fails the test, never skips it."""
+    assert sandbox.ceph, (f"the sandbox in {sandbox.dir} runs without Ceph: start it without "
+                          "--no-ceph / IMAGESYNC_SANDBOX_CEPH=0")
+    return sandbox.ceph_state
+
+
 @pytest.fixture(scope="session")
 def admin_conn(sandbox):
     """openstacksdk as imagesync's Keystone user: admin of project `imagesync`."""

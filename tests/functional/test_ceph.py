@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 import sandbox_ceph
 
 from daemon import Daemon, import_requests
@@ -24,13 +23,6 @@ from helpers import import_settled, qcow2, stores_of, upload_image, wait_for
 # operator's mistake (or a pool being migrated) looks like to Glance.
 WRITABLE = "profile rbd pool=images"
 READ_ONLY = "profile rbd-read-only pool=images"
-
-
-@pytest.fixture
-def ceph(sandbox):
-    assert sandbox.ceph, (f"the sandbox in {sandbox.dir} runs without Ceph: start it without "
-                          "--no-ceph / IMAGESYNC_SANDBOX_CEPH=0")
-    return sandbox.ceph_state
 
 
 def to_ceph(prefix: str) -> str:

@@ -17,13 +17,7 @@ import sandbox_ceph
 from helpers import import_settled, stores_of, wait_for
 
 
-def _need_ceph(sandbox) -> None:
-    assert sandbox.ceph, (f"the sandbox in {sandbox.dir} runs without Ceph: start it without "
-                          "--no-ceph / IMAGESYNC_SANDBOX_CEPH=0")
-
-
-def test_glance_lists_ceph_as_an_rbd_store_on_the_sandbox_cluster(sandbox, admin_conn):
-    _need_ceph(sandbox)
+def test_glance_lists_ceph_as_an_rbd_store_on_the_sandbox_cluster(sandbox, ceph, admin_conn):
     stores = {s["id"]: s for s in admin_conn.image.get("/info/stores/detail").json()["stores"]}
 
     assert set(stores) == {"fast", "slow", "edge", "ceph"}
@@ -32,8 +26,7 @@ def test_glance_lists_ceph_as_an_rbd_store_on_the_sandbox_cluster(sandbox, admin
     assert stores["ceph"]["properties"]["fsid"] == sandbox.ceph_state["fsid"]
 
 
-def test_an_image_copied_to_ceph_is_in_rbd_with_the_same_bytes(sandbox, admin_conn):
-    _need_ceph(sandbox)
+def test_an_image_copied_to_ceph_is_in_rbd_with_the_same_bytes(sandbox, ceph, admin_conn):
     data = os.urandom(8 << 20)
     md5 = hashlib.md5(data).hexdigest()
     image = admin_conn.image.create_image(name=f"test-rbd-{uuid.uuid4().hex[:8]}",
@@ -68,8 +61,7 @@ def test_an_image_copied_to_ceph_is_in_rbd_with_the_same_bytes(sandbox, admin_co
              message="the RBD image removed with the Glance image")
 
 
-def test_glances_cephx_user_has_rbd_caps_on_the_images_pool_only(sandbox):
-    _need_ceph(sandbox)
+def test_glances_cephx_user_has_rbd_caps_on_the_images_pool_only(sandbox, ceph):
     state = sandbox.ceph_state
     caps = sandbox_ceph.ceph(state, "auth", "get", "client.glance", "-f", "json")
 

@@ -14,9 +14,9 @@ import hashlib
 import os
 import time
 
-import pytest
 import sandbox_ceph
 
+import sandbox as sandbox_mod
 from daemon import import_requests
 from helpers import import_settled, stores_of, upload_image, wait_for
 
@@ -30,15 +30,8 @@ def command(keyword: str) -> str:
     return f"tox -e reliability -- tests/reliability/test_ceph_faults.py -k {keyword}"
 
 
-@pytest.fixture
-def ceph(sandbox):
-    assert sandbox.ceph, (f"the sandbox in {sandbox.dir} runs without Ceph: start it without "
-                          "--no-ceph / IMAGESYNC_SANDBOX_CEPH=0")
-    return sandbox.ceph_state
-
-
 def image_gets(sandbox, image_id: str) -> int:
-    return sum(1 for node in ("glance1", "glance2")
+    return sum(1 for node in sandbox_mod.NODES
                for line in sandbox.node_log(node).read_text(errors="replace").splitlines()
                if f"GET /v2/images/{image_id} " in line)
 
