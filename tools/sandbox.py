@@ -850,18 +850,33 @@ class Sandbox:
             "disk_free_limit.absolute = 50MB\n"
         )
         (self.dir / "log" / "rabbit").mkdir(parents=True, exist_ok=True)
+        # The Erlang cookie, written before the server or rabbitmqctl runs, so neither
+        # creates it while the other reads it.
+        cookie = base / ".erlang.cookie"
+        if not cookie.exists():
+            cookie.write_text(secrets.token_hex(20))
+            cookie.chmod(0o400)
         env, logfile = self._rabbit_env(), self.dir / "log" / "rabbitmq.log"
         proc = subprocess.Popen([RABBIT_BIN / "rabbitmq-server"], env=env, start_new_session=True,
                                 stdout=open(logfile, "ab"), stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL)
         self.state["rabbit"]["pid"] = proc.pid
         self._save()
-        done = run([RABBIT_BIN / "rabbitmqctl", "wait", "--timeout", "120", base / "rabbit.pid"],
-                   env=env, check=False, capture_output=True, timeout=150)
+        # `rabbitmqctl wait` failed twice in CI under load with the server up; a second,
+        # bounded `await_startup` tells a slow CLI from a node that did not start.
+        said = []
+        for cmd in (["wait", "--timeout", "120", base / "rabbit.pid"],
+                    ["await_startup", "--timeout", "60"]):
+            done = run([RABBIT_BIN / "rabbitmqctl", *cmd], env=env, check=False,
+                       capture_output=True, text=True, timeout=150)
+            if done.returncode == 0 or proc.poll() is not None:
+                break
+            out = (done.stderr or done.stdout or "").strip().replace("\n", " ")[-300:]
+            said.append(f"rabbitmqctl {cmd[0]} exited {done.returncode}: {out}")
+            log(said[-1])
         if done.returncode != 0 or proc.poll() is not None:
-            said = (done.stderr or done.stdout or "").strip().replace("\n", " ")[-400:]
-            wait_for(f"RabbitMQ (rabbitmqctl wait exited {done.returncode}: {said})",
-                     lambda: False, 0, logfile, proc)
+            wait_for(f"RabbitMQ ({'; '.join(said) or 'the server exited'})", lambda: False, 0,
+                     logfile, proc)
         wait_for("RabbitMQ port", lambda: port_open(self.state["rabbit"]["port"]), 30, logfile,
                  proc)
 
