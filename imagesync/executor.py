@@ -235,9 +235,16 @@ class Executor(ImageOperations):
         """Glance or Keystone is down, or refuses our credentials: every image would get the
         same answer, so no work at all for a growing pause. Said of Glance only once two
         images got such an answer in a row: one image alone (a 503 for its URL only) has its
-        own backoff, and must not stop the work on the others."""
-        self.glance_failures += 1
+        own backoff, and must not stop the work on the others.
+
+        An answer that comes while the work is paused is to a request sent before the pause
+        (none are sent during one): it says nothing new, and must not climb the ladder. Five
+        requests out when a pause ends, all refused at once, are one failure, not five (seen:
+        a 20 s outage paused the work for 67 s after Glance was back)."""
         self.failing_images.add(image_id)
+        if self.clock() < self.paused_until:
+            return
+        self.glance_failures += 1
         keystone = isinstance(exc, KeystoneUnavailable) or \
             (isinstance(exc, CredentialsRejected) and exc.status is None)
         if len(self.failing_images) < 2 and not keystone:

@@ -16,7 +16,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from imagesync.discipline import Discipline
-from imagesync.executor import Caps, Executor, PolicyHolder
+from imagesync.executor import PAUSE_BASE, Caps, Executor, PolicyHolder
 from imagesync.glance import STORE_READS, CredentialsRejected, GlanceUnavailable, RateLimited
 from imagesync.ledger import Ledger
 from imagesync.model import IMPORT_TASK, Image
@@ -243,6 +243,28 @@ def test_keystone_refusing_the_credentials_pauses_all_work_at_once(
         executor._tick()
     assert events(logs, "credentials rejected; pausing")
     assert executor.paused_until > clock()
+
+
+def test_answers_to_requests_out_when_the_work_paused_do_not_lengthen_the_pause(
+        executor, clock):
+    # Given five requests out at once, as when a pause ends, all answered 503 by a Glance
+    # still starting (HAProxy: "No server is available")
+    down = GlanceUnavailable(503, "No server is available to handle this request.")
+    with capture_logs() as logs:
+        for n in range(5):
+            executor._note_trouble(f"image-{n}", down, "look")
+    # Then the work pauses once, on the ladder's rung for two failures (the first two
+    # images), not on the fifth rung: the rest were sent before that pause
+    pauses = events(logs, "Glance unavailable; pausing")
+    assert len(pauses) == 1, pauses
+    assert executor.glance_failures == 2
+    assert executor.paused_until - clock() <= 2 * PAUSE_BASE * 1.25
+    # And once the pause is over, the next failure climbs one rung
+    clock.now = executor.paused_until
+    with capture_logs() as logs:
+        executor._note_trouble("image-0", down, "look")
+    assert len(events(logs, "Glance unavailable; pausing")) == 1
+    assert executor.glance_failures == 3
 
 
 def test_one_image_whose_url_alone_answers_503_does_not_stop_the_work_on_the_others(
