@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 import structlog
 
 from imagesync import planner
+from imagesync.backoff import compute_backoff
 from imagesync.glance import GlanceError, with_members
 from imagesync.ledger import LedgerError
 from imagesync.model import Image
@@ -22,6 +23,10 @@ from imagesync.model import Image
 log = structlog.get_logger("imagesync.reconcile")
 STEPS_BACK = 3       # markers tried backwards from a deleted one before listing from the top
 MAX_RESUMES = 100    # deleted markers one listing survives (each costs a request or a page)
+# A failed pass (Glance, Keystone or the ledger down) is tried again on a backoff capped at a
+# minute: the first pass after an outage comes within a minute of its end. (It was 300 s: a
+# daemon started during a Keystone outage made its first pass minutes after Keystone was back.)
+RETRY_BASE, RETRY_CAP = 10.0, 60.0
 
 
 def every_image(glance, page_size: int, hidden: bool = False,
@@ -164,9 +169,9 @@ class Reconciler:
                 failures = 0
             except (GlanceError, LedgerError) as exc:  # Glance or the ledger down: try again
                 failures += 1
-                delay = min(300.0, 10.0 * 2 ** (failures - 1))
+                delay = compute_backoff(failures, base=RETRY_BASE, cap=RETRY_CAP)
                 log.warning("reconcile pass failed; will try again", error=str(exc),
-                            retry_in=delay)
+                            retry_in=round(delay, 1))
                 if self.stopping.wait(delay):
                     return
                 continue

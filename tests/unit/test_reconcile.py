@@ -165,3 +165,26 @@ def test_a_failed_read_keeps_the_listed_image_for_the_reconciler_and_stops_plan(
     assert reconcile.fill_in_stores(reader, [legacy]) == [legacy]
     with pytest.raises(GlanceError):
         reconcile.fill_in_stores(reader, [legacy], strict=True)
+
+
+def test_a_pass_failing_while_glance_is_down_is_tried_again_within_a_minute():
+    # Given a reconciler whose passes fail (Keystone or Glance down) eight times, then work
+    r = reconcile.Reconciler(ledger=None, glance=None, policy=None, interval=0)
+    results = [GlanceUnavailable(503, "Keystone failed: ServiceUnavailable")] * 8 + [None]
+    waits: list[float] = []
+
+    def run_pass():
+        result = results.pop(0)
+        if result is not None:
+            raise result
+        return {}
+
+    r.run_pass = run_pass            # type: ignore[method-assign]
+    r.stopping.wait = lambda delay: waits.append(delay) or False   # type: ignore[method-assign]
+    r.run()
+    # Then it waited on a growing backoff, never more than a minute (and its jitter) between
+    # tries, so the first pass after an outage comes soon after its end
+    assert len(waits) == 8 and not results
+    assert waits[0] < waits[2] < waits[4]
+    assert max(waits) <= reconcile.RETRY_CAP * 1.25
+    assert min(waits[5:]) >= reconcile.RETRY_CAP * 0.75
