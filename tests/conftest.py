@@ -8,6 +8,7 @@ across runs while developing; otherwise each session starts and stops its own.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -19,6 +20,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(ROOT / "tests"))
+
+import reliability_figures  # noqa: E402
 
 import helpers  # noqa: E402
 import sandbox as sandbox_mod  # noqa: E402
@@ -155,3 +158,23 @@ def limits_sandbox(tmp_path_factory):
         pytest.fail(f"a sandbox with unified limits could not start: {exc}", pytrace=False)
     yield box
     box.down()
+
+
+# ---------------------------------------------------------------- the reliability figures
+# Recorded by the reliability stories (tests/reliability_figures.py). Under pytest-xdist each
+# worker hands its figures to the controller, which prints them all once.
+
+def pytest_sessionfinish(session):
+    out = getattr(session.config, "workeroutput", None)
+    if out is not None:
+        out["imagesync_figures"] = json.dumps(reliability_figures.FIGURES)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    rows = json.loads(getattr(node, "workeroutput", {}).get("imagesync_figures", "[]"))
+    reliability_figures.FIGURES.extend(tuple(r) for r in rows)
+
+
+def pytest_terminal_summary(terminalreporter):
+    reliability_figures.summary(terminalreporter)

@@ -160,13 +160,44 @@ def run(cmd, check: bool = True, **kw) -> subprocess.CompletedProcess:
 
 
 _GIVEN: set[int] = set()
+# Ports chosen but maybe not yet bound, shared by every process that starts sandboxes here
+# (pytest-xdist workers, the release envs side by side): "port pid time" lines.
+_CLAIMS = Path(os.environ.get("TMPDIR") or "/tmp") / "imagesync-sandbox-ports"
+_CLAIM_TTL = 900.0   # by then the service bound its port, or its start failed
+
+
+def _claim(port: int) -> bool:
+    """Claim a port for this process, unless another live process claimed it recently."""
+    now, fresh, taken = time.time(), [], False
+    try:
+        f = open(_CLAIMS, "a+")
+    except OSError:
+        return True   # another user's claims file: its sandboxes' ports fail bind() instead
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        for line in f.read().splitlines():
+            try:
+                p, pid, at = (int(x) for x in line.split()[:3])
+            except ValueError:
+                continue
+            if now - at < _CLAIM_TTL and pid_alive(pid):
+                fresh.append(line)
+                taken = taken or p == port
+        if not taken:
+            fresh.append(f"{port} {os.getpid()} {int(now)}")
+        f.seek(0)
+        f.truncate()
+        f.write("".join(line + "\n" for line in fresh))
+    return not taken
 
 
 def free_port() -> int:
     """A free loopback port below the kernel's ephemeral range. A port from bind(0) lies in
     that range, and any outgoing connection may take it as its source port between our
     choosing it and the service binding it (seen: HAProxy's "Address already in use" while
-    the sandbox's other services talked to each other)."""
+    the sandbox's other services talked to each other). Claimed across processes, so two
+    sandboxes starting at once never choose the same port."""
     try:
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
@@ -181,6 +212,8 @@ def free_port() -> int:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
+        if not _claim(port):
+            continue
         _GIVEN.add(port)
         return port
     raise SandboxError("no free loopback port below the ephemeral range")

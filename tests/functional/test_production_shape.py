@@ -1,5 +1,6 @@
 """The daemon on the production shape: Keystone tokens that die, an application credential,
-Keystone down for a minute, one Glance API node lost mid-burst, and TLS with the sandbox's CA.
+Keystone down for a while (a minute at full scale), one Glance API node lost mid-burst, and
+TLS with the sandbox's CA.
 
 Everything counts at the server: Glance's API nodes' access logs, HAProxy's log (Keystone's
 token requests pass through it), Glance's database.
@@ -8,6 +9,7 @@ token requests pass through it), Glance's database.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -236,9 +238,10 @@ def test_a_wrong_cacert_is_named_as_such_and_nothing_is_sent(sandbox, admin_conn
 # ---------------------------------------------------------------- outages
 
 
-def test_keystone_down_for_a_minute_pauses_the_daemon_and_nothing_fails(
+def test_keystone_down_for_a_while_pauses_the_daemon_and_nothing_fails(
         sandbox, admin_conn, images, daemon, prefix):
     box = sandbox
+    down_for = 60 if os.environ.get("IMAGESYNC_RELIABILITY") == "full" else 30
     made = [images.upload(box, admin_conn, 1 << 20, f"{prefix}-{n}") for n in range(3)]
     d = daemon(policy(prefix))
     box.stop_service("keystone")
@@ -247,9 +250,9 @@ def test_keystone_down_for_a_minute_pauses_the_daemon_and_nothing_fails(
         outage = time.monotonic()
         wait_for(lambda: any("Keystone" in json.dumps(e) for e in d.logs()), timeout=60,
                  message="the daemon saying Keystone is unavailable")
-        while time.monotonic() - outage < 60:
+        while time.monotonic() - outage < down_for:
             assert d.proc.poll() is None, d.tail()
-            time.sleep(1)   # the outage lasts a minute; the daemon is checked every second
+            time.sleep(1)   # the outage's length; the daemon is checked every second
         assert not d.query("SELECT * FROM copies WHERE state = 'failed'")
         said = " ".join(json.dumps(e) for e in d.logs())
         assert "Glance unreachable" not in said, "a Keystone outage blamed on Glance"

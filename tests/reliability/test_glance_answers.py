@@ -145,7 +145,7 @@ def test_an_image_glance_answers_badly_is_asked_about_on_a_backoff_and_converges
     d = daemon(policy_for(prefix, {"slow"}), through(proxy, sandbox, tmp_path))
     d.start()
     wait_converged(admin_conn, d, [calm.id], {"slow"}, timeout=90)
-    window = 60.0 if scale["full"] else 30.0
+    window = 60.0 if scale["full"] else 20.0
     time.sleep(window)   # the observation window: what the daemon sends is counted in it
 
     # Then each troubled image was asked about on a backoff, not at once and forever
