@@ -296,10 +296,26 @@ def pid_alive(pid: int | None) -> bool:
         return False
 
 
+def group_alive(pgid: int) -> list[int]:
+    """The live (not zombie) processes of process group `pgid`."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:   # state, ppid, pgrp
+            alive.append(int(stat.parent.name))
+    return alive
+
+
 def stop_pid(pid: int | None, name: str, timeout: float = 20.0) -> None:
-    """SIGTERM the process group led by pid, then SIGKILL what is left."""
+    """SIGTERM the process group led by pid, then SIGKILL what is left; return once no
+    process of the group is left (a uWSGI worker outliving its master still holds the
+    listening socket, and HAProxy answers 502 through it)."""
     if not pid_alive(pid):
         return
+    assert pid is not None
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for target in (lambda s=sig: os.killpg(pid, s), lambda s=sig: os.kill(pid, s)):
             try:
@@ -307,11 +323,14 @@ def stop_pid(pid: int | None, name: str, timeout: float = 20.0) -> None:
             except (ProcessLookupError, PermissionError):
                 pass
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and pid_alive(pid):
+        while time.monotonic() < deadline and (pid_alive(pid) or group_alive(pid)):
             time.sleep(0.1)
-        if not pid_alive(pid):
+        if not pid_alive(pid) and not group_alive(pid):
             return
-        log(f"{name} (pid {pid}) ignored SIGTERM; killing")
+        if sig == signal.SIGTERM:
+            log(f"{name} (pid {pid}) ignored SIGTERM for {timeout:.0f} s; killing")
+    log(f"{name} (pid {pid}): processes {group_alive(pid) or [pid]} outlived SIGKILL by "
+        f"{timeout:.0f} s")
 
 
 # ---------------------------------------------------------------- install
