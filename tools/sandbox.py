@@ -693,6 +693,9 @@ class Sandbox:
             stop_pid(self._epmd_pid(rabbit["epmd_port"]), "epmd", timeout=5)
         if self.state:
             self._save()
+        link = self._short_link()
+        if link.is_symlink() and os.readlink(link) == str(self.dir):
+            link.unlink()
 
     def restart(self, name: str) -> None:
         """Stop and start one service, on the same ports (for outage tests)."""
@@ -971,11 +974,12 @@ class Sandbox:
     def _start_mariadb(self) -> None:
         base = self.dir / "mariadb"
         m, cnf = self.state["mariadb"], base / "my.cnf"
+        sock = self._socket("mariadb", "mysqld.sock")
         cnf.write_text(
             "[client]\n"
-            f"socket = {base}/mysqld.sock\n"
+            f"socket = {sock}\n"
             "[mysqld]\n"
-            f"user = root\ndatadir = {base}/data\nsocket = {base}/mysqld.sock\n"
+            f"user = root\ndatadir = {base}/data\nsocket = {sock}\n"
             f"pid-file = {base}/mysqld.pid\nlog-error = {self.dir}/log/mariadb.log\n"
             f"bind-address = 127.0.0.1\nport = {m['port']}\nskip-name-resolve\n"
             "character-set-server = utf8mb4\ncollation-server = utf8mb4_general_ci\n"
@@ -1494,7 +1498,7 @@ class Sandbox:
             "  log stdout format raw local0 info\n"
             "  maxconn 2000\n"
             f"  pidfile {self.dir / 'haproxy' / 'haproxy.pid'}\n"
-            f"  stats socket {self.dir / 'haproxy' / 'admin.sock'} mode 600 level admin\n"
+            f"  stats socket {self._socket('haproxy', 'admin.sock')} mode 600 level admin\n"
             "defaults\n"
             "  mode http\n  log global\n  option httplog\n"
             "  option redispatch\n  retries 2\n"
@@ -1524,7 +1528,7 @@ class Sandbox:
         cfg = self.dir / "haproxy" / "haproxy.cfg"
         cfg.write_text(self._haproxy_cfg())
         logfile = self.dir / "log" / "haproxy.log"
-        run(["haproxy", "-c", "-q", "-f", cfg], capture_output=True)
+        run(["haproxy", "-c", "-f", cfg], capture_output=True)   # not -q: it hides the ALERTs
         proc = subprocess.Popen(["haproxy", "-db", "-f", cfg], start_new_session=True,
                                 stdin=subprocess.DEVNULL, stdout=open(logfile, "ab"),
                                 stderr=subprocess.STDOUT)
@@ -1534,12 +1538,31 @@ class Sandbox:
         wait_for("HAProxy", lambda: port_open(self.state["haproxy"]["glance_port"]), 30,
                  logfile, proc)
 
+    def _socket(self, *parts: str) -> Path:
+        """A Unix socket's path in the sandbox directory, reached through a short symlink to
+        that directory when the path is longer than a server takes (HAProxy 97 characters,
+        MariaDB 107: a pytest-xdist worker's tmp_path was one too many for HAProxy)."""
+        sock = self.dir.joinpath(*parts)
+        if len(str(sock)) <= 97:
+            return sock
+        link = self._short_link()
+        if not (link.is_symlink() and os.readlink(link) == str(self.dir)):
+            tmp = link.with_name(f"{link.name}.{os.getpid()}")
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(self.dir)
+            os.replace(tmp, link)
+        return link.joinpath(*parts)
+
+    def _short_link(self) -> Path:
+        digest = hashlib.sha256(str(self.dir).encode()).hexdigest()[:12]
+        return Path(os.environ.get("TMPDIR") or "/tmp") / f"imagesync-sandbox-{digest}"
+
     def haproxy_servers(self) -> dict[str, str]:
         """HAProxy's view of its servers, from its admin socket: "backend/server" -> status
         (UP, DOWN, MAINT, ...)."""
         with socket.socket(socket.AF_UNIX) as s:
             s.settimeout(5)
-            s.connect(str(self.dir / "haproxy" / "admin.sock"))
+            s.connect(str(self._socket("haproxy", "admin.sock")))
             s.sendall(b"show stat\n")
             data = b""
             while chunk := s.recv(65536):

@@ -21,7 +21,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_tools_demo_syncs_by_policy_onto_ceph_and_survives_a_failover(tmp_path):
-    where = tmp_path / "sandbox"
+    # A long directory, as a deep checkout has: HAProxy takes socket paths of 97 characters at
+    # most (a pytest-xdist worker's tmp_path once made it 98, and `up` failed).
+    where = tmp_path / "a-sandbox-in-a-directory-whose-path-is-long"
+    assert len(str(where / "haproxy" / "admin.sock")) > 97
     env = {**os.environ, "IMAGESYNC_SANDBOX_DIR": str(where),
            "IMAGESYNC_DEMO_VENV": sys.prefix}   # this venv has imagesync installed
     env.pop("IMAGESYNC_SANDBOX_CEPH", None)     # the demo's default: Ceph in
@@ -32,6 +35,8 @@ def test_tools_demo_syncs_by_policy_onto_ceph_and_survives_a_failover(tmp_path):
         assert done.returncode == 0, out[-4000:]
         box = sandbox_mod.Sandbox(where)   # its state, as tools/demo's `up` left it
         assert box.ceph, "tools/demo started the sandbox without Ceph"
+        assert {k: v for k, v in box.haproxy_servers().items() if k.startswith("glance")} == {
+            f"glance_api_nodes/{n}": "UP" for n in sandbox_mod.NODES}   # its admin socket
         assert "every image is where the policy wants it" in out
         assert re.search(r"ctl\d took over [\d.]+ s after the kill", out), out[-4000:]
 
