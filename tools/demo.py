@@ -379,10 +379,9 @@ def demo(box, admin, tenant, members: list[Member], since: dict[str, int]) -> in
     print(f"`imagesync status {name}` on {new}: " +
           (", ".join(f"{c['store']} {c['state']}" for c in copies) or
            f"not in its ledger ({done.stderr.strip()})"))
-    done_to = {c["store"] for c in copies if c["state"] == "done"}
-    if public - {"fast"} - done_to:
-        print(f"{new}'s ledger does not show the copies to "
-              f"{','.join(sorted(public - {'fast'} - done_to))} done")
+    missing = public - {"fast"} - {c["store"] for c in copies if c["state"] == "done"}
+    if missing:
+        print(f"{new}'s ledger does not show the copies to {','.join(sorted(missing))} done")
         return 1
     print(f"{new}, the new active daemon, synced it")
     return 0

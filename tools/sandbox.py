@@ -313,9 +313,8 @@ def stop_pid(pid: int | None, name: str, timeout: float = 20.0) -> None:
     """SIGTERM the process group led by pid, then SIGKILL what is left; return once no
     process of the group is left (a uWSGI worker outliving its master still holds the
     listening socket, and HAProxy answers 502 through it)."""
-    if not pid_alive(pid):
+    if not pid or not (pid_alive(pid) or group_alive(pid)):
         return
-    assert pid is not None
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for target in (lambda s=sig: os.killpg(pid, s), lambda s=sig: os.kill(pid, s)):
             try:
@@ -323,9 +322,9 @@ def stop_pid(pid: int | None, name: str, timeout: float = 20.0) -> None:
             except (ProcessLookupError, PermissionError):
                 pass
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and (pid_alive(pid) or group_alive(pid)):
+        while (left := pid_alive(pid) or group_alive(pid)) and time.monotonic() < deadline:
             time.sleep(0.1)
-        if not pid_alive(pid) and not group_alive(pid):
+        if not left:
             return
         if sig == signal.SIGTERM:
             log(f"{name} (pid {pid}) ignored SIGTERM for {timeout:.0f} s; killing")
